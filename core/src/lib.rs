@@ -1,0 +1,20 @@
+//! onsite-core: what every onsite backend shares.
+//!
+//! - [`Profiler`] and [`Stopper`]: the two traits a backend implements, and [`NoopStopper`];
+//! - [`ProfileKind`]: the kinds of evidence, and their names in files and configuration;
+//! - [`DumpDir`] and [`CaptureStamp`]: `{command}-{pid}-{kind}-{timestamp}.{ext}` naming;
+//! - [`write_new_file`] and [`CaptureOutput`]: the one all-or-nothing, no-symlink file writer;
+//! - [`pprof`]: the one builder from stacks to gzip'd `profile.proto`, and a reader for it.
+//!
+//! Nothing here starts threads or installs handlers; that is the `onsite` crate's job.
+
+mod kind;
+mod naming;
+pub mod pprof;
+mod profiler;
+mod write;
+
+pub use kind::{ProfileKind, UnknownKind};
+pub use naming::{CaptureStamp, ConfigError, DIR_ENV, DumpDir, format_utc_millis};
+pub use profiler::{CaptureError, CaptureOutput, NoopStopper, Profiler, Stopper};
+pub use write::{WriteError, WrittenFile, write_new_file};

@@ -1,0 +1,124 @@
+//! The two traits every backend implements, and what a capture writes into.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use crate::kind::ProfileKind;
+use crate::naming::{CaptureStamp, DumpDir};
+use crate::write::{WriteError, WrittenFile, write_new_file};
+
+/// Something that can capture one kind of profile. Held by the control thread for the life
+/// of the process; `start` is called once per capture.
+pub trait Profiler: Send {
+    /// The kind this profiler produces.
+    fn kind(&self) -> ProfileKind;
+
+    /// Starts capturing. The returned [`Stopper`] ends this capture and writes its files.
+    fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError>;
+}
+
+/// One running capture of one kind.
+pub trait Stopper: Send {
+    /// Ends the capture and writes its file(s) through `out`. Called on the control thread,
+    /// never in a signal handler.
+    fn stop(self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError>;
+}
+
+/// The stopper of a capture that was never started (for example because one was already
+/// running): stopping it does nothing and writes nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopStopper;
+
+impl Stopper for NoopStopper {
+    fn stop(self: Box<Self>, _out: &CaptureOutput) -> Result<(), CaptureError> {
+        Ok(())
+    }
+}
+
+/// Why a backend could not start or finish; logged by the control thread, never fatal to the
+/// service or to the other kinds of the same capture.
+#[derive(Debug)]
+pub struct CaptureError {
+    /// The kind that failed.
+    pub kind: ProfileKind,
+    /// What went wrong, in words an operator can act on.
+    pub message: String,
+}
+
+impl CaptureError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ProfileKind, message: impl Into<String>) -> Self {
+        CaptureError { kind, message: message.into() }
+    }
+}
+
+impl fmt::Display for CaptureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} profile: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for CaptureError {}
+
+impl From<(ProfileKind, WriteError)> for CaptureError {
+    fn from((kind, e): (ProfileKind, WriteError)) -> Self {
+        CaptureError::new(kind, e.to_string())
+    }
+}
+
+/// Where one capture's files go: one directory, one shared timestamp. Every file written
+/// through it is recorded, so the caller can log and list what a capture produced.
+#[derive(Debug)]
+pub struct CaptureOutput {
+    dir: DumpDir,
+    stamp: CaptureStamp,
+    written: Mutex<Vec<(ProfileKind, WrittenFile)>>,
+}
+
+impl CaptureOutput {
+    /// Output for a capture stamped `stamp` in `dir`.
+    pub fn new(dir: DumpDir, stamp: CaptureStamp) -> Self {
+        CaptureOutput { dir, stamp, written: Mutex::new(Vec::new()) }
+    }
+
+    /// The capture's timestamp.
+    pub fn stamp(&self) -> &CaptureStamp {
+        &self.stamp
+    }
+
+    /// When the capture started.
+    pub fn started_at(&self) -> SystemTime {
+        self.stamp.time()
+    }
+
+    /// The dump directory.
+    pub fn dump_dir(&self) -> &DumpDir {
+        &self.dir
+    }
+
+    /// Writes the `kind` file with extension `ext` (all or nothing, see [`write_new_file`]),
+    /// logs it, and records it.
+    pub fn write(
+        &self,
+        kind: ProfileKind,
+        ext: &str,
+        fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<WrittenFile, CaptureError> {
+        let path = self.dir.path(&self.stamp, kind, ext);
+        match write_new_file(&path, fill) {
+            Ok(file) => {
+                tracing::info!(kind = %kind, path = %file.path.display(), bytes = file.bytes, "onsite: wrote profile");
+                self.written.lock().unwrap_or_else(|e| e.into_inner()).push((kind, file.clone()));
+                Ok(file)
+            }
+            Err(e) => Err(CaptureError::from((kind, e))),
+        }
+    }
+
+    /// Every file written so far, in order.
+    pub fn written(&self) -> Vec<(ProfileKind, WrittenFile)> {
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
