@@ -186,7 +186,7 @@ fn command_name() -> String {
         .unwrap_or_default();
     let safe: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+') { c } else { '_' })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+') { c } else { '_' })
         .collect();
     let safe = safe.trim_start_matches('.');
     if safe.is_empty() { "unknown".to_owned() } else { safe.to_owned() }

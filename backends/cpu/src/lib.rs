@@ -1,1 +1,213 @@
-//! placeholder
+//! onsite-cpu: CPU profiles from pprof-rs, written as Go-compatible pprof plus a flamegraph.
+//!
+//! pprof-rs samples with `setitimer(ITIMER_PROF)` and a SIGPROF handler that walks the stack.
+//! This crate only decides how it is started and stopped, and turns its raw stacks into
+//! files through core's shared pprof builder. Choices, each for a reason:
+//!
+//! - **Unwinder**: pprof-rs's default (`backtrace`, libgcc's DWARF unwinder). Its
+//!   `frame-pointer` unwinder never records the interrupted instruction pointer, so a flat
+//!   profile would blame every caller instead of the hot function (see FIELD-NOTES). The stress
+//!   test in `signals/tests/` (50 toggles while threads allocate and free) is what keeps this
+//!   choice honest.
+//! - **Blocklist**: samples that land inside the unwinder itself (libgcc_s), the dynamic loader
+//!   and the vDSO are dropped rather than unwound, because unwinding from there is where
+//!   deadlocks and crashes were reported. They are counted with the other missing samples.
+//! - **Dropped samples**: pprof-rs drops a sample silently when its lock is busy. The stopper
+//!   compares samples received with what the process's CPU time predicts, logs the gap and
+//!   writes it into the profile's comments (`go tool pprof -comments`).
+//! - **SIGPROF after stop**: pprof-rs leaves SIGPROF ignored when it stops, so a late tick cannot
+//!   kill the process ("Profiling timer expired"). Nothing here restores SIG_DFL.
+
+use std::time::{Duration, Instant};
+
+use onsite_core::pprof::{PprofBuilder, decode};
+use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Profiler, Stopper};
+
+/// The default sampling rate. `ITIMER_PROF` ticks with the kernel's scheduler clock, so rates
+/// far above 100 Hz deliver only a fraction of what they ask for (FIELD-NOTES: ~16% at 999 Hz).
+pub const DEFAULT_FREQUENCY_HZ: u32 = 99;
+
+/// Shared libraries whose code is never unwound from (matched as substrings of their paths).
+const BLOCKLIST: [&str; 4] = ["libgcc_s", "ld-linux", "linux-vdso", "vdso"];
+
+/// Starts CPU captures.
+#[derive(Debug, Clone)]
+pub struct CpuProfiler {
+    frequency_hz: u32,
+    flamegraph: bool,
+}
+
+impl CpuProfiler {
+    /// A profiler sampling at `frequency_hz`, also writing an SVG flamegraph when `flamegraph`.
+    pub fn new(frequency_hz: u32, flamegraph: bool) -> Self {
+        CpuProfiler { frequency_hz, flamegraph }
+    }
+}
+
+impl Default for CpuProfiler {
+    fn default() -> Self {
+        CpuProfiler::new(DEFAULT_FREQUENCY_HZ, true)
+    }
+}
+
+impl Profiler for CpuProfiler {
+    fn kind(&self) -> ProfileKind {
+        ProfileKind::Cpu
+    }
+
+    fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
+        let cpu_before = process_cpu_time();
+        let guard = pprof::ProfilerGuardBuilder::default()
+            .frequency(self.frequency_hz as i32)
+            .blocklist(&BLOCKLIST)
+            .build()
+            .map_err(|e| CaptureError::new(ProfileKind::Cpu, format!("pprof-rs could not start: {e}")))?;
+        Ok(Box::new(CpuStopper {
+            guard,
+            frequency_hz: self.frequency_hz,
+            flamegraph: self.flamegraph,
+            cpu_before,
+            started: Instant::now(),
+        }))
+    }
+}
+
+struct CpuStopper {
+    guard: pprof::ProfilerGuard<'static>,
+    frequency_hz: u32,
+    flamegraph: bool,
+    cpu_before: Duration,
+    started: Instant,
+}
+
+impl Stopper for CpuStopper {
+    fn stop(self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError> {
+        let err = |m: String| CaptureError::new(ProfileKind::Cpu, m);
+        // Take the raw stacks before dropping the guard: dropping it resets pprof-rs's data.
+        let report = self.guard.report().build_unresolved().map_err(|e| err(format!("pprof-rs report: {e}")));
+        let wall = self.started.elapsed();
+        let cpu_used = process_cpu_time().saturating_sub(self.cpu_before);
+        drop(self.guard);
+        let report = report?;
+
+        let period_ns = 1_000_000_000 / i64::from(self.frequency_hz);
+        let mut builder =
+            PprofBuilder::new(&[("samples", "count"), ("cpu", "nanoseconds")], ("cpu", "nanoseconds"), period_ns)
+                .time_range(out.started_at(), wall)
+                .skip_leaf_frames(is_sampler_frame);
+        let mut received: i64 = 0;
+        for (frames, &count) in &report.data {
+            let ips: Vec<usize> = frames.frames.iter().map(|f| f.ip() as usize).collect();
+            let count = count as i64;
+            received += count;
+            let thread = String::from_utf8_lossy(&frames.thread_name[..frames.thread_name_length]);
+            builder.add_addresses(&ips, &[count, count * period_ns], &[("thread", &thread)]);
+        }
+
+        let expected = (cpu_used.as_secs_f64() * f64::from(self.frequency_hz)).round() as i64;
+        let missing = (expected - received).max(0);
+        let note = format!(
+            "onsite: {received} samples at {} Hz over {:.1}s; the process used {:.2}s of CPU, which predicts about \
+             {expected}; about {missing} ({:.1}%) were dropped by the sampler or not delivered",
+            self.frequency_hz,
+            wall.as_secs_f64(),
+            cpu_used.as_secs_f64(),
+            if expected > 0 { 100.0 * missing as f64 / expected as f64 } else { 0.0 },
+        );
+        builder.comment(&note);
+        if expected > 0 && missing * 10 > expected {
+            tracing::warn!(received, expected, missing, "onsite: more than 10% of CPU samples are missing");
+        } else {
+            tracing::debug!(received, expected, "onsite: CPU samples received");
+        }
+
+        let mut first_error = None;
+        let mut pprof_bytes = Vec::new();
+        let written = builder.write_gzip(&mut pprof_bytes).map_err(|e| err(format!("encoding: {e}"))).and_then(|()| {
+            out.write(ProfileKind::Cpu, "pprof", |w| w.write_all(&pprof_bytes)).map(drop)
+        });
+        if let Err(e) = written {
+            first_error = Some(e);
+        }
+        if self.flamegraph {
+            if let Err(e) = write_flamegraph(&pprof_bytes, out) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Frames of the sampler itself, at the leaf end of every pprof-rs stack: its SIGPROF handler,
+/// the stack walker, and the kernel's signal trampoline.
+fn is_sampler_frame(function: &str) -> bool {
+    function.starts_with("pprof::")
+        || function.starts_with("<pprof::")
+        || function == "perf_signal_handler"
+        || function.starts_with("backtrace::")
+        || function.starts_with("<backtrace::")
+        || function.starts_with("_Unwind_")
+        || function == "__restore_rt"
+        // The kernel's signal trampoline (`__restore_rt`) has no symbol in a stripped libc. An
+        // interrupted frame without symbols right after it is dropped too; that costs a frame
+        // only for code with no symbols at all, which no profile could name anyway.
+        || function.starts_with("0x")
+}
+
+/// An SVG flamegraph of the same samples, from the profile just encoded (one source of truth).
+fn write_flamegraph(pprof_bytes: &[u8], out: &CaptureOutput) -> Result<(), CaptureError> {
+    let err = |m: String| CaptureError::new(ProfileKind::Cpu, format!("flamegraph: {m}"));
+    let profile = decode(pprof_bytes).map_err(|e| err(e.to_string()))?;
+    let lines = folded_stacks(&profile);
+    if lines.is_empty() {
+        tracing::info!("onsite: no CPU samples, so no flamegraph was written");
+        return Ok(());
+    }
+    let mut svg = Vec::new();
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = format!("CPU {} ({} samples)", out.stamp(), profile.sample.iter().map(|s| s.value[0]).sum::<i64>());
+    inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), &mut svg)
+        .map_err(|e| err(e.to_string()))?;
+    out.write(ProfileKind::Cpu, "svg", |w| w.write_all(&svg)).map(drop)
+}
+
+/// `root;caller;leaf count` lines, one per sample, for inferno.
+fn folded_stacks(profile: &onsite_core::pprof::proto::Profile) -> Vec<String> {
+    use std::collections::HashMap;
+    let name = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("?");
+    let functions: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, name(f.name))).collect();
+    let locations: HashMap<u64, Vec<&str>> = profile
+        .location
+        .iter()
+        .map(|l| (l.id, l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?")).collect()))
+        .collect();
+    profile
+        .sample
+        .iter()
+        .filter(|s| s.value[0] > 0)
+        .map(|s| {
+            // Locations are leaf first with inlined functions innermost first: reverse both.
+            let stack: Vec<&str> = s
+                .location_id
+                .iter()
+                .rev()
+                .flat_map(|id| locations.get(id).into_iter().flat_map(|l| l.iter().rev().copied()))
+                .collect();
+            format!("{} {}", stack.join(";").replace(' ', "\u{a0}"), s.value[0])
+        })
+        .collect()
+}
+
+/// CPU time (user + system) used by the whole process so far.
+fn process_cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a complete rusage into the buffer we own.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    // SAFETY: initialised by the successful call above (and zeroed before it).
+    let usage = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}

@@ -72,6 +72,8 @@ pub struct PprofBuilder {
     profile: proto::Profile,
     value_count: usize,
     skip_frame: Box<dyn Fn(&str) -> bool + Send>,
+    skip_inlined: bool,
+    trimmed_locations: HashMap<u64, u64>,
 }
 
 impl std::fmt::Debug for PprofBuilder {
@@ -99,6 +101,8 @@ impl PprofBuilder {
             profile: proto::Profile::default(),
             value_count: sample_types.len(),
             skip_frame: Box::new(|_| false),
+            skip_inlined: false,
+            trimmed_locations: HashMap::new(),
         };
         b.string(""); // string_table[0] must be "".
         b.profile.sample_type = sample_types.iter().map(|&(t, u)| b.value_type(t, u)).collect();
@@ -141,6 +145,16 @@ impl PprofBuilder {
     /// hook, the stack walker) say nothing about the service.
     pub fn skip_leaf_frames(mut self, skip: impl Fn(&str) -> bool + Send + 'static) -> Self {
         self.skip_frame = Box::new(skip);
+        self
+    }
+
+    /// Also drops, in the leaf-most frame that [`skip_leaf_frames`](Self::skip_leaf_frames)
+    /// keeps, the innermost *inlined* functions for which `skip` holds. Needed when the
+    /// profiler's own code is inlined into the service's function (a lock guard's `drop`
+    /// inlined into the function that unlocks): without it that frame's leaf function would be
+    /// the guard's `drop`, not the service's function.
+    pub fn skip_inlined_leaf_frames(mut self) -> Self {
+        self.skip_inlined = true;
         self
     }
 
@@ -214,12 +228,41 @@ impl PprofBuilder {
         debug_assert_eq!(values.len(), self.value_count, "one value per sample type");
         // Only a run of the profiler's own frames at the leaf end is dropped; a skippable
         // function deeper in the stack (a callback through the allocator, say) stays.
-        let location_id = ids.iter().skip_while(|l| l.profiler_own).map(|l| l.id).collect();
+        let mut location_id: Vec<u64> = ids.iter().skip_while(|l| l.profiler_own).map(|l| l.id).collect();
+        if self.skip_inlined
+            && let Some(leaf) = location_id.first_mut()
+        {
+            *leaf = self.trimmed_location(*leaf);
+        }
         let label = labels
             .iter()
             .map(|&(k, v)| proto::Label { key: self.string(k), str: self.string(v), ..Default::default() })
             .collect();
         self.samples.push(proto::Sample { location_id, value: values.to_vec(), label });
+    }
+
+    /// The location `id` without its innermost inlined functions that `skip_frame` matches
+    /// (interned once per location; `id` itself when nothing is trimmed).
+    fn trimmed_location(&mut self, id: u64) -> u64 {
+        if let Some(&trimmed) = self.trimmed_locations.get(&id) {
+            return trimmed;
+        }
+        let location = &self.locations[id as usize - 1];
+        let function_name = |function_id: u64| {
+            let name = self.functions[function_id as usize - 1].name;
+            self.strings[name as usize].as_str()
+        };
+        let own = location.line.iter().take_while(|l| (self.skip_frame)(function_name(l.function_id))).count();
+        let trimmed = if own == 0 || own == location.line.len() {
+            id
+        } else {
+            let new_id = self.locations.len() as u64 + 1;
+            let new_location = proto::Location { id: new_id, line: location.line[own..].to_vec(), ..location.clone() };
+            self.locations.push(new_location);
+            new_id
+        };
+        self.trimmed_locations.insert(id, trimmed);
+        trimmed
     }
 
     /// Interns a location for `frames` at `address`.

@@ -1,0 +1,65 @@
+//! One file per backend, compiled only with its cargo feature: the backend's settings (its
+//! builder methods and `ONSITE_*` variables) and the profilers it adds to a capture. Adding a
+//! backend means adding a file here and a field below; nothing else in the crate changes.
+
+use onsite_core::{ConfigError, ProfileKind, Profiler};
+
+#[cfg(feature = "cpu")]
+pub(crate) mod cpu;
+#[cfg(feature = "memory")]
+pub(crate) mod memory;
+#[cfg(any(feature = "mutex", feature = "block"))]
+pub(crate) mod sync;
+#[cfg(feature = "threads")]
+pub(crate) mod threads;
+#[cfg(feature = "trace")]
+pub(crate) mod trace;
+
+/// Every enabled backend's settings.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Settings {
+    #[cfg(feature = "cpu")]
+    pub(crate) cpu: cpu::Settings,
+    #[cfg(feature = "memory")]
+    pub(crate) memory: memory::Settings,
+    #[cfg(any(feature = "mutex", feature = "block"))]
+    pub(crate) sync: sync::Settings,
+    #[cfg(feature = "trace")]
+    pub(crate) trace: trace::Settings,
+    #[cfg(feature = "threads")]
+    pub(crate) threads: threads::Settings,
+}
+
+impl Settings {
+    /// Applies each backend's `ONSITE_*` variables over what the builder set.
+    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
+        #[cfg(feature = "cpu")]
+        self.cpu.apply_env()?;
+        #[cfg(feature = "memory")]
+        self.memory.apply_env()?;
+        #[cfg(any(feature = "mutex", feature = "block"))]
+        self.sync.apply_env()?;
+        #[cfg(feature = "trace")]
+        self.trace.apply_env()?;
+        #[cfg(feature = "threads")]
+        self.threads.apply_env()?;
+        Ok(())
+    }
+
+    /// The profilers of every compiled-in backend, in [`ProfileKind::CAPTURED`] order.
+    pub(crate) fn profilers(&self) -> Vec<Box<dyn Profiler>> {
+        let mut all: Vec<Box<dyn Profiler>> = Vec::new();
+        #[cfg(feature = "cpu")]
+        all.extend(self.cpu.profilers());
+        #[cfg(feature = "memory")]
+        all.extend(self.memory.profilers());
+        #[cfg(any(feature = "mutex", feature = "block"))]
+        all.extend(self.sync.profilers());
+        #[cfg(feature = "trace")]
+        all.extend(self.trace.profilers());
+        #[cfg(feature = "threads")]
+        all.extend(self.threads.profilers());
+        all.sort_by_key(|p| ProfileKind::CAPTURED.iter().position(|&k| k == p.kind()));
+        all
+    }
+}

@@ -1,0 +1,331 @@
+//! # onsite
+//!
+//! Capture the scene of a production problem while it is happening. Put one line at the top
+//! of `main`:
+//!
+//! ```no_run
+//! let _onsite = onsite::install().expect("onsite configuration");
+//! ```
+//!
+//! then `kill -USR2 <pid>` starts a capture of every enabled kind, and the next
+//! `kill -USR2 <pid>` stops it and writes one file per kind, named
+//! `{command}-{pid}-{kind}-{timestamp}.{ext}`, into the dump directory (the system temp dir,
+//! `ONSITE_DIR`, or [`Builder::dump_dir`]). A capture also stops by itself after
+//! [`Builder::max_duration`] (10 minutes by default). `kill -USR1 <pid>` writes every thread's
+//! stack (with the `threads` feature). SIGINT or SIGTERM during a capture first writes the
+//! capture's files, then ends the process as it would have ended without onsite.
+//!
+//! Each backend is a cargo feature (all on by default): `cpu`, `memory`, `mutex`, `block`,
+//! `trace`, `threads`. Some need one more line in the service: the memory backend its global
+//! allocator ([`memory::Allocator`]), the lock profiles onsite's lock types ([`sync`]), the
+//! trace its `tracing` layer ([`trace`]).
+//!
+//! Keep the returned [`Onsite`] alive: dropping it stops any running capture (writing its
+//! files), unregisters the signal handlers and joins the control thread.
+
+mod backends;
+mod control;
+mod env;
+mod wake;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use onsite_core::{ConfigError, ProfileKind, WrittenFile};
+
+#[cfg(feature = "cpu")]
+pub use onsite_cpu as cpu;
+#[cfg(feature = "memory")]
+pub use onsite_memory as memory;
+#[cfg(any(feature = "mutex", feature = "block"))]
+pub use onsite_sync as sync;
+#[cfg(feature = "threads")]
+pub use onsite_threads as threads;
+#[cfg(feature = "trace")]
+pub use onsite_trace as trace;
+
+use control::{Command, Controller};
+use onsite_core::DumpDir;
+
+/// Environment variables read by [`Builder::install`]. They override what the builder set,
+/// so an operator can change a deployed binary without rebuilding it.
+pub mod vars {
+    /// The dump directory (created if missing). Default: the system temp dir.
+    pub const DIR: &str = onsite_core::DIR_ENV;
+    /// Which kinds a capture contains: `all`, or a comma list such as `cpu,memory`.
+    pub const KINDS: &str = "ONSITE_KINDS";
+    /// How long a capture may run before it stops by itself, e.g. `10m`, `90s`.
+    pub const MAX_DURATION: &str = "ONSITE_MAX_DURATION";
+}
+
+/// The default limit on a capture's length, so a forgotten toggle cannot run forever.
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(600);
+
+/// Installs onsite with the defaults and the `ONSITE_*` environment. See [`Builder`].
+pub fn install() -> Result<Onsite, InstallError> {
+    Builder::new().install()
+}
+
+/// onsite's configuration, ending in [`Builder::install`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    dir: Option<PathBuf>,
+    kinds: Option<Vec<ProfileKind>>,
+    max_duration: Duration,
+    pub(crate) backends: backends::Settings,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder::new()
+    }
+}
+
+impl Builder {
+    /// The defaults: every compiled-in kind, the system temp dir, a 10 minute limit.
+    pub fn new() -> Self {
+        Builder { dir: None, kinds: None, max_duration: DEFAULT_MAX_DURATION, backends: Default::default() }
+    }
+
+    /// Where dump files go (`ONSITE_DIR` still wins).
+    pub fn dump_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Which kinds a capture contains (`ONSITE_KINDS` still wins). Kinds whose cargo feature
+    /// is off are ignored.
+    pub fn kinds(mut self, kinds: impl IntoIterator<Item = ProfileKind>) -> Self {
+        self.kinds = Some(kinds.into_iter().collect());
+        self
+    }
+
+    /// How long a capture may run before it stops by itself (`ONSITE_MAX_DURATION` still wins).
+    pub fn max_duration(mut self, limit: Duration) -> Self {
+        self.max_duration = limit;
+        self
+    }
+
+    /// Applies the environment, registers the signal handlers and starts the control thread.
+    ///
+    /// Errors name the setting and the value at fault. Only one installation may be live in a
+    /// process at a time.
+    pub fn install(mut self) -> Result<Onsite, InstallError> {
+        self.apply_env()?;
+        let dir = match &self.dir {
+            Some(dir) => DumpDir::new(dir),
+            None => DumpDir::new(std::env::temp_dir()),
+        };
+        if INSTALLED.swap(true, Ordering::AcqRel) {
+            return Err(InstallError::AlreadyInstalled);
+        }
+        match self.spawn(dir) {
+            Ok(onsite) => Ok(onsite),
+            Err(e) => {
+                INSTALLED.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    fn apply_env(&mut self) -> Result<(), ConfigError> {
+        if let Some(dir) = env::var(vars::DIR)? {
+            if dir.is_empty() {
+                return Err(ConfigError::new(vars::DIR, dir, "must name a directory"));
+            }
+            self.dir = Some(PathBuf::from(dir));
+        }
+        if let Some(kinds) = env::parsed(vars::KINDS, parse_kinds)? {
+            self.kinds = Some(kinds);
+        }
+        if let Some(limit) = env::parsed(vars::MAX_DURATION, env::parse_duration)? {
+            self.max_duration = limit;
+        }
+        if self.max_duration.is_zero() {
+            return Err(ConfigError::new(vars::MAX_DURATION, "0s", "a capture must be allowed to run"));
+        }
+        self.backends.apply_env()
+    }
+
+    fn spawn(self, dir: DumpDir) -> Result<Onsite, InstallError> {
+        if let Err(e) = dir.ensure_exists() {
+            // Not fatal: the directory may appear later (a volume mounted after start-up), and
+            // each capture reports its own write errors.
+            tracing::warn!(dir = %dir.dir().display(), error = %e, "onsite: cannot create the dump directory yet");
+        }
+        let profilers: Vec<_> = self
+            .backends
+            .profilers()
+            .into_iter()
+            .filter(|p| self.kinds.as_ref().is_none_or(|kinds| kinds.contains(&p.kind())))
+            .collect();
+        let kinds: Vec<&str> = profilers.iter().map(|p| p.kind().as_str()).collect();
+        let kinds = kinds.join(",");
+
+        let wake = wake::WakeSocket::new().map_err(InstallError::Io)?;
+        let reader = wake.reader.try_clone().map_err(InstallError::Io)?;
+        let signals = wake::OperatorSignals::register(cfg!(feature = "threads")).map_err(InstallError::Io)?;
+        let (commands, receiver) = mpsc::channel();
+        let controller =
+            Controller::new(dir.clone(), profilers, self.max_duration, self.backends.clone(), receiver, reader);
+        let thread = std::thread::Builder::new()
+            .name("onsite-control".into())
+            .spawn(move || controller.run())
+            .map_err(InstallError::Io)?;
+        tracing::info!(
+            pid = dir.pid(),
+            dir = %dir.dir().display(),
+            kinds = %kinds,
+            max_duration = ?self.max_duration,
+            "onsite: installed; `kill -USR2 {}` starts a capture, the next one stops it",
+            dir.pid()
+        );
+        Ok(Onsite { dir: dir.dir().to_owned(), commands, thread: Some(thread), signals: Some(signals), wake: Some(wake) })
+    }
+}
+
+fn parse_kinds(text: &str) -> Result<Vec<ProfileKind>, String> {
+    if text.eq_ignore_ascii_case("all") {
+        return Ok(ProfileKind::CAPTURED.to_vec());
+    }
+    let kinds = text
+        .split(',')
+        .filter(|w| !w.trim().is_empty())
+        .map(|w| match w.parse::<ProfileKind>() {
+            Ok(k) if ProfileKind::CAPTURED.contains(&k) => Ok(k),
+            Ok(k) => Err(format!("{k} is not a kind a capture can contain")),
+            Err(e) => Err(e.to_string()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if kinds.is_empty() {
+        return Err("names no kind; use `all` or a list such as `cpu,memory`".into());
+    }
+    Ok(kinds)
+}
+
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// A live installation. Dropping it (or [`Onsite::shutdown`]) finishes any running capture,
+/// unregisters onsite's signal handlers and joins its thread.
+#[must_use = "dropping the handle shuts onsite down at once; keep it alive for the life of the service"]
+pub struct Onsite {
+    dir: PathBuf,
+    commands: mpsc::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+    signals: Option<wake::OperatorSignals>,
+    wake: Option<wake::WakeSocket>,
+}
+
+impl fmt::Debug for Onsite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Onsite").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Onsite {
+    /// The dump directory.
+    pub fn dump_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts a capture, as a first SIGUSR2 would. `false` if one was already running (it is
+    /// left as it is).
+    pub fn start_capture(&self) -> bool {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Start { reply });
+        answer.recv().unwrap_or(false)
+    }
+
+    /// Stops the running capture, as a second SIGUSR2 would, and returns the files written
+    /// once they are complete (none if no capture was running).
+    pub fn stop_capture(&self) -> Vec<WrittenFile> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Stop { reply });
+        answer.recv().unwrap_or_default()
+    }
+
+    /// Shuts down now; the same as dropping the handle.
+    pub fn shutdown(mut self) {
+        self.shutdown_in_place();
+    }
+
+    fn send(&self, command: Command) {
+        if self.commands.send(command).is_ok() {
+            wake::wake_socket_writer(self.wake.as_ref());
+        }
+    }
+
+    fn shutdown_in_place(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        // No new signal may start anything once shutdown begins.
+        drop(self.signals.take());
+        self.send(Command::Shutdown);
+        if thread.join().is_err() {
+            tracing::error!("onsite: the control thread panicked");
+        }
+        drop(self.wake.take());
+        INSTALLED.store(false, Ordering::Release);
+        tracing::info!("onsite: shut down");
+    }
+}
+
+impl Drop for Onsite {
+    fn drop(&mut self) {
+        self.shutdown_in_place();
+    }
+}
+
+/// Why [`Builder::install`] failed.
+#[derive(Debug)]
+pub enum InstallError {
+    /// A setting (builder or `ONSITE_*` variable) has a value onsite cannot use.
+    Config(ConfigError),
+    /// onsite is already installed in this process.
+    AlreadyInstalled,
+    /// The operating system refused a signal handler, socket or thread.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for InstallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InstallError::Config(e) => write!(f, "onsite: bad setting {e}"),
+            InstallError::AlreadyInstalled => f.write_str("onsite: already installed in this process"),
+            InstallError::Io(e) => write!(f, "onsite: could not install: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for InstallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            InstallError::Config(e) => Some(e),
+            InstallError::Io(e) => Some(e),
+            InstallError::AlreadyInstalled => None,
+        }
+    }
+}
+
+impl From<ConfigError> for InstallError {
+    fn from(e: ConfigError) -> Self {
+        InstallError::Config(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_from_a_list_or_all() {
+        assert_eq!(parse_kinds("all").unwrap().len(), ProfileKind::CAPTURED.len());
+        assert_eq!(parse_kinds("cpu, memory").unwrap(), vec![ProfileKind::Cpu, ProfileKind::Memory]);
+        assert!(parse_kinds("cpu,heap").unwrap_err().contains("heap"));
+        assert!(parse_kinds("threads").is_err());
+        assert!(parse_kinds(" , ").is_err());
+    }
+}
