@@ -32,11 +32,7 @@ impl DumpDir {
     /// A dump directory at `dir` for this process. The directory is not touched here; see
     /// [`DumpDir::ensure_exists`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        DumpDir {
-            dir: dir.into(),
-            command: command_name(),
-            pid: std::process::id(),
-        }
+        DumpDir { dir: dir.into(), command: command_name(), pid: std::process::id() }
     }
 
     /// The directory an unconfigured process uses: `$ONSITE_DIR` if set, else the system
@@ -105,10 +101,7 @@ impl CaptureStamp {
 
     /// A stamp for a capture starting at `at` (still unique within the process).
     pub fn at(at: SystemTime) -> Self {
-        let millis = at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis() as u64;
+        let millis = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
         let (millis, seq) = {
             // A poisoned lock only means another thread panicked mid-update of two integers;
             // the value is still usable.
@@ -151,13 +144,7 @@ pub fn format_utc_millis(millis: u64) -> String {
     let secs = millis / 1000;
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        millis % 1000
-    )
+    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, millis % 1000)
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
@@ -178,12 +165,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// The file name of argv\[0\], made safe for a file name; `unknown` if there is none.
 fn command_name() -> String {
     let arg0 = env::args_os().next();
-    let base = arg0
-        .as_deref()
-        .map(Path::new)
-        .and_then(Path::file_name)
-        .map(OsStr::to_string_lossy)
-        .unwrap_or_default();
+    let base = arg0.as_deref().map(Path::new).and_then(Path::file_name).map(OsStr::to_string_lossy).unwrap_or_default();
     let safe: String = base
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+') { c } else { '_' })
@@ -206,11 +188,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// A rejected `value` of `setting`, because of `reason`.
     pub fn new(setting: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError {
-            setting: setting.into(),
-            value: value.into(),
-            reason: reason.into(),
-        }
+        ConfigError { setting: setting.into(), value: value.into(), reason: reason.into() }
     }
 }
 

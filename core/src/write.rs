@@ -56,9 +56,7 @@ pub fn write_new_file(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> Result<WrittenFile, WriteError> {
-    let err = |step: &'static str| {
-        move |source: io::Error| WriteError { path: path.to_owned(), step, source }
-    };
+    let err = |step: &'static str| move |source: io::Error| WriteError { path: path.to_owned(), step, source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -71,12 +69,10 @@ pub fn write_new_file(
     }
 
     let (temp_path, file) = create_temp(dir, name.as_bytes()).map_err(err("creating a temporary file"))?;
-    let result = fill_and_sync(file, fill)
-        .map_err(err("writing"))
-        .and_then(|bytes| {
-            rename_no_replace(&temp_path, path).map_err(err("moving into place"))?;
-            Ok(bytes)
-        });
+    let result = fill_and_sync(file, fill).map_err(err("writing")).and_then(|bytes| {
+        rename_no_replace(&temp_path, path).map_err(err("moving into place"))?;
+        Ok(bytes)
+    });
     match result {
         Ok(bytes) => {
             // Make the rename itself durable; a failure here leaves a complete file, so it is
@@ -148,9 +144,8 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
         // The file system (or an old kernel) has no RENAME_NOREPLACE: a hard link gives the
         // same no-replace guarantee.
         Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
-            std::fs::hard_link(from, to).map_err(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists { already_exists() } else { e }
-            })?;
+            std::fs::hard_link(from, to)
+                .map_err(|e| if e.kind() == io::ErrorKind::AlreadyExists { already_exists() } else { e })?;
             std::fs::remove_file(from)
         }
         _ => Err(e),
@@ -180,10 +175,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }

@@ -16,8 +16,9 @@ fn a_function_with_a_known_name() -> Vec<usize> {
 #[test]
 fn stacks_of_real_addresses_decode_to_named_functions() {
     let ips = a_function_with_a_known_name();
-    let mut builder = PprofBuilder::new(&[("contentions", "count"), ("delay", "nanoseconds")], ("contentions", "count"), 1)
-        .skip_leaf_frames(|f| f.starts_with("backtrace::"));
+    let mut builder =
+        PprofBuilder::new(&[("contentions", "count"), ("delay", "nanoseconds")], ("contentions", "count"), 1)
+            .skip_leaf_frames(|f| f.starts_with("backtrace::"));
     builder.add_addresses(&ips, &[3, 3000], &[("thread", "main")]);
     builder.add_addresses(&ips, &[1, 1000], &[]);
     let mut bytes = Vec::new();

@@ -17,6 +17,7 @@ pub struct LoadPlan {
     pub payload_bytes: usize,
     pub duration: Duration,
     pub reconnect_every: u64,
+    pub rate_per_producer: u32,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +72,8 @@ fn topic(n: usize) -> String {
 fn produce(n: usize, plan: &LoadPlan, deadline: Instant, totals: &LoadTotals, stop: &AtomicBool) {
     let mut payload = vec![0u8; plan.payload_bytes];
     let mut seq: u64 = 0;
+    let interval = Duration::from_secs(1) / plan.rate_per_producer;
+    let mut next_send = Instant::now();
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         let Ok(mut conn) = Connection::open(plan.addr) else {
             totals.errors.fetch_add(1, Ordering::Relaxed);
@@ -78,6 +81,12 @@ fn produce(n: usize, plan: &LoadPlan, deadline: Instant, totals: &LoadTotals, st
             continue;
         };
         while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            // Pace to the planned rate (catching up after a slow call, never bursting past it).
+            let now = Instant::now();
+            if next_send > now {
+                std::thread::sleep(next_send - now);
+            }
+            next_send = next_send.max(now - interval * 10) + interval;
             seq += 1;
             payload[..8].copy_from_slice(&seq.to_le_bytes());
             match conn.call(&Request::Publish { topic: topic(n), payload: payload.clone() }) {

@@ -13,6 +13,11 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::prelude::*;
+
+/// onsite's allocator: one relaxed load on top of `System` until a memory capture runs.
+#[global_allocator]
+static ALLOC: onsite::memory::Allocator = onsite::memory::Allocator::new();
 
 #[derive(Parser)]
 #[command(version, about = "A small message queue with planted problems, run against onsite")]
@@ -49,19 +54,23 @@ enum Cmd {
         /// Consumers reconnect after this many acked messages.
         #[arg(long, default_value_t = 200)]
         reconnect_every: u64,
+        /// Messages per second per producer.
+        #[arg(long, default_value_t = 800)]
+        rate: u32,
     },
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    // onsite's trace layer sees every span (it costs a relaxed load while no capture runs);
+    // the log output is filtered by RUST_LOG as usual.
+    let log_filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::registry()
+        .with(onsite::trace::layer())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(log_filter))
         .init();
     match Cli::parse().command {
         Cmd::Serve { addr, workers } => serve(addr, workers),
-        Cmd::Load { addr, producers, consumers, payload, seconds, reconnect_every } => {
+        Cmd::Load { addr, producers, consumers, payload, seconds, reconnect_every, rate } => {
             let plan = load::LoadPlan {
                 addr,
                 producers,
@@ -69,6 +78,7 @@ fn main() {
                 payload_bytes: payload.max(8),
                 duration: Duration::from_secs(seconds),
                 reconnect_every: reconnect_every.max(1),
+                rate_per_producer: rate.max(1),
             };
             let totals = load::run(&plan, &Arc::new(AtomicBool::new(false)));
             tracing::info!(

@@ -58,11 +58,11 @@ pub fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
 pub fn write_request(w: &mut impl Write, request: &Request) -> io::Result<()> {
     match request {
         Request::Publish { topic, payload } => {
-            write!(w, "PUB {topic} {}\n", payload.len())?;
+            writeln!(w, "PUB {topic} {}", payload.len())?;
             w.write_all(payload)?;
         }
-        Request::Get { topic } => write!(w, "GET {topic}\n")?,
-        Request::Ack { id } => write!(w, "ACK {id}\n")?,
+        Request::Get { topic } => writeln!(w, "GET {topic}")?,
+        Request::Ack { id } => writeln!(w, "ACK {id}")?,
     }
     w.flush()
 }
@@ -75,7 +75,9 @@ pub fn read_reply(r: &mut impl BufRead) -> io::Result<Reply> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["OK", id] => Ok(Reply::Ok(id.parse().map_err(|_| bad("bad id"))?)),
-        ["MSG", id, len] => Ok(Reply::Message { id: id.parse().map_err(|_| bad("bad id"))?, payload: read_payload(r, len)? }),
+        ["MSG", id, len] => {
+            Ok(Reply::Message { id: id.parse().map_err(|_| bad("bad id"))?, payload: read_payload(r, len)? })
+        }
         ["EMPTY"] => Ok(Reply::Empty),
         ["ERR", ..] => Ok(Reply::Error(line.trim_end()[4..].to_owned())),
         _ => Err(bad(format!("unknown reply {:?}", line.trim_end()))),
@@ -84,13 +86,13 @@ pub fn read_reply(r: &mut impl BufRead) -> io::Result<Reply> {
 
 pub fn write_reply(w: &mut impl Write, reply: &Reply) -> io::Result<()> {
     match reply {
-        Reply::Ok(id) => write!(w, "OK {id}\n")?,
+        Reply::Ok(id) => writeln!(w, "OK {id}")?,
         Reply::Message { id, payload } => {
-            write!(w, "MSG {id} {}\n", payload.len())?;
+            writeln!(w, "MSG {id} {}", payload.len())?;
             w.write_all(payload)?;
         }
         Reply::Empty => w.write_all(b"EMPTY\n")?,
-        Reply::Error(reason) => write!(w, "ERR {reason}\n")?,
+        Reply::Error(reason) => writeln!(w, "ERR {reason}")?,
     }
     w.flush()
 }
@@ -116,7 +118,12 @@ mod tests {
         }
         assert_eq!(read_request(&mut reader).unwrap(), None);
 
-        let replies = [Reply::Ok(1), Reply::Message { id: 2, payload: vec![0, 10, 13] }, Reply::Empty, Reply::Error("no such id".into())];
+        let replies = [
+            Reply::Ok(1),
+            Reply::Message { id: 2, payload: vec![0, 10, 13] },
+            Reply::Empty,
+            Reply::Error("no such id".into()),
+        ];
         let mut buf = Vec::new();
         for r in &replies {
             write_reply(&mut buf, r).unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler, Stopper, WrittenFile};
 
-use crate::wake::{self, THREAD_DUMPS, TERMINATION, TOGGLES, TerminationGuard};
+use crate::wake::{self, TERMINATION, THREAD_DUMPS, TOGGLES, TerminationGuard};
 
 /// Why a capture started or stopped, as logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +152,9 @@ impl Controller {
             let kind = profiler.kind();
             match catch_unwind(AssertUnwindSafe(|| profiler.start())) {
                 Ok(Ok(stopper)) => stoppers.push((kind, stopper)),
-                Ok(Err(e)) => tracing::error!(%kind, error = %e.message, "onsite: could not start this kind; the others carry on"),
+                Ok(Err(e)) => {
+                    tracing::error!(%kind, error = %e.message, "onsite: could not start this kind; the others carry on")
+                }
                 Err(_) => tracing::error!(%kind, "onsite: this kind panicked while starting; the others carry on"),
             }
         }
@@ -184,7 +186,9 @@ impl Controller {
             return Vec::new();
         };
         let mut failed = 0;
-        for (kind, stopper) in capture.stoppers {
+        // Stop in the reverse order of starting, so the memory capture (started last) stops
+        // first and sees none of the other kinds' stop work (symbolising, pprof-rs's reset).
+        for (kind, stopper) in capture.stoppers.into_iter().rev() {
             match catch_unwind(AssertUnwindSafe(|| stopper.stop(&capture.output))) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

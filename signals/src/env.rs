@@ -16,10 +16,7 @@ pub(crate) fn var(name: &str) -> Result<Option<String>, ConfigError> {
 }
 
 /// `ONSITE_X=value` parsed by `parse`, `None` when unset.
-pub(crate) fn parsed<T>(
-    name: &str,
-    parse: impl Fn(&str) -> Result<T, String>,
-) -> Result<Option<T>, ConfigError> {
+pub(crate) fn parsed<T>(name: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
     match var(name)? {
         None => Ok(None),
         Some(v) => parse(v.trim()).map(Some).map_err(|reason| ConfigError::new(name, v, reason)),
@@ -72,12 +69,9 @@ where
     T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
 {
     move |text| {
-        let n: T = text.parse().map_err(|_| format!("expected a whole number from {} to {}", range.start(), range.end()))?;
-        if range.contains(&n) {
-            Ok(n)
-        } else {
-            Err(format!("must be from {} to {}", range.start(), range.end()))
-        }
+        let n: T =
+            text.parse().map_err(|_| format!("expected a whole number from {} to {}", range.start(), range.end()))?;
+        if range.contains(&n) { Ok(n) } else { Err(format!("must be from {} to {}", range.start(), range.end())) }
     }
 }
 

@@ -184,7 +184,13 @@ impl Builder {
             "onsite: installed; `kill -USR2 {}` starts a capture, the next one stops it",
             dir.pid()
         );
-        Ok(Onsite { dir: dir.dir().to_owned(), commands, thread: Some(thread), signals: Some(signals), wake: Some(wake) })
+        Ok(Onsite {
+            dir: dir.dir().to_owned(),
+            commands,
+            thread: Some(thread),
+            signals: Some(signals),
+            wake: Some(wake),
+        })
     }
 }
 

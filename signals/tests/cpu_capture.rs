@@ -74,7 +74,11 @@ fn usr2_twice_writes_a_cpu_profile_naming_the_hot_function() {
 #[test]
 fn two_captures_in_one_second_get_distinct_names_with_the_childs_pid() {
     let dir = tempdir();
-    let service = Service::start("child_busy_service", dir.path(), &[("ONSITE_KINDS", "cpu"), ("ONSITE_CPU_FLAMEGRAPH", "false")]);
+    let service = Service::start(
+        "child_busy_service",
+        dir.path(),
+        &[("ONSITE_KINDS", "cpu"), ("ONSITE_CPU_FLAMEGRAPH", "false")],
+    );
     for _ in 0..2 {
         service.signal(libc::SIGUSR2);
         std::thread::sleep(Duration::from_millis(100));
@@ -127,7 +131,8 @@ fn a_planted_symlink_is_not_followed_and_the_service_keeps_running() {
 fn an_unwritable_dump_dir_is_logged_and_the_service_keeps_running() {
     let dir = tempdir();
     let unwritable = "/proc/onsite-cannot-create-this";
-    let mut service = Service::start("child_busy_service", dir.path(), &[("ONSITE_KINDS", "cpu"), ("ONSITE_DIR", unwritable)]);
+    let mut service =
+        Service::start("child_busy_service", dir.path(), &[("ONSITE_KINDS", "cpu"), ("ONSITE_DIR", unwritable)]);
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture started", DEADLINE);
     service.signal(libc::SIGUSR2);

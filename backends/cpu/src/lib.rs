@@ -123,16 +123,17 @@ impl Stopper for CpuStopper {
 
         let mut first_error = None;
         let mut pprof_bytes = Vec::new();
-        let written = builder.write_gzip(&mut pprof_bytes).map_err(|e| err(format!("encoding: {e}"))).and_then(|()| {
-            out.write(ProfileKind::Cpu, "pprof", |w| w.write_all(&pprof_bytes)).map(drop)
-        });
+        let written = builder
+            .write_gzip(&mut pprof_bytes)
+            .map_err(|e| err(format!("encoding: {e}")))
+            .and_then(|()| out.write(ProfileKind::Cpu, "pprof", |w| w.write_all(&pprof_bytes)).map(drop));
         if let Err(e) = written {
             first_error = Some(e);
         }
-        if self.flamegraph {
-            if let Err(e) = write_flamegraph(&pprof_bytes, out) {
-                first_error.get_or_insert(e);
-            }
+        if self.flamegraph
+            && let Err(e) = write_flamegraph(&pprof_bytes, out)
+        {
+            first_error.get_or_insert(e);
         }
         first_error.map_or(Ok(()), Err)
     }

@@ -16,6 +16,26 @@ struct LocationId {
     profiler_own: bool,
 }
 
+/// Whether `function` (a demangled name) belongs to Rust's standard library: `core`, `alloc`,
+/// `std`, or an inherent method of a primitive type (`<u64>::wrapping_mul`, `<[T]>::chunks`).
+/// A trait implementation counts as the trait's crate (`<Vec<T> as my::Trait>::f` is not std).
+pub fn is_std_function(function: &str) -> bool {
+    let Some(inner) = function.strip_prefix('<') else {
+        return ["core::", "alloc::", "std::"].iter().any(|c| function.starts_with(c));
+    };
+    if let Some((_, trait_path)) = inner.split_once(" as ") {
+        return is_std_function(trait_path);
+    }
+    const PRIMITIVES: [&str; 18] = [
+        "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize", "f32", "f64", "bool",
+        "char", "str", "()",
+    ];
+    let head = inner.split(['>', '<']).next().unwrap_or("");
+    PRIMITIVES.contains(&head)
+        || ["[", "&", "*const ", "*mut "].iter().any(|p| inner.starts_with(p))
+        || is_std_function(inner)
+}
+
 /// One symbolised frame: a function, and where in it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Frame {
@@ -72,7 +92,6 @@ pub struct PprofBuilder {
     profile: proto::Profile,
     value_count: usize,
     skip_frame: Box<dyn Fn(&str) -> bool + Send>,
-    skip_inlined: bool,
     trimmed_locations: HashMap<u64, u64>,
 }
 
@@ -101,7 +120,6 @@ impl PprofBuilder {
             profile: proto::Profile::default(),
             value_count: sample_types.len(),
             skip_frame: Box::new(|_| false),
-            skip_inlined: false,
             trimmed_locations: HashMap::new(),
         };
         b.string(""); // string_table[0] must be "".
@@ -134,27 +152,17 @@ impl PprofBuilder {
 
     /// When the profiled interval started and how long it lasted.
     pub fn time_range(mut self, start: SystemTime, duration: Duration) -> Self {
-        self.profile.time_nanos =
-            start.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        self.profile.time_nanos = start.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         self.profile.duration_nanos = duration.as_nanos() as i64;
         self
     }
 
-    /// Drops frames at the leaf end of every stack while `skip(function)` holds for every
-    /// function of the frame: the profiler's own frames (signal trampolines, the allocator
-    /// hook, the stack walker) say nothing about the service.
+    /// Drops the profiler's own functions (signal trampolines, the allocator hook, the stack
+    /// walker: those for which `skip` holds) at the leaf end of every stack: whole frames, and
+    /// then the innermost inlined functions of the first frame kept (a lock guard's `drop`
+    /// inlined into the function that unlocks), so the leaf is the service's own function.
     pub fn skip_leaf_frames(mut self, skip: impl Fn(&str) -> bool + Send + 'static) -> Self {
         self.skip_frame = Box::new(skip);
-        self
-    }
-
-    /// Also drops, in the leaf-most frame that [`skip_leaf_frames`](Self::skip_leaf_frames)
-    /// keeps, the innermost *inlined* functions for which `skip` holds. Needed when the
-    /// profiler's own code is inlined into the service's function (a lock guard's `drop`
-    /// inlined into the function that unlocks): without it that frame's leaf function would be
-    /// the guard's `drop`, not the service's function.
-    pub fn skip_inlined_leaf_frames(mut self) -> Self {
-        self.skip_inlined = true;
         self
     }
 
@@ -229,9 +237,7 @@ impl PprofBuilder {
         // Only a run of the profiler's own frames at the leaf end is dropped; a skippable
         // function deeper in the stack (a callback through the allocator, say) stays.
         let mut location_id: Vec<u64> = ids.iter().skip_while(|l| l.profiler_own).map(|l| l.id).collect();
-        if self.skip_inlined
-            && let Some(leaf) = location_id.first_mut()
-        {
+        if let Some(leaf) = location_id.first_mut() {
             *leaf = self.trimmed_location(*leaf);
         }
         let label = labels
@@ -268,9 +274,17 @@ impl PprofBuilder {
     /// Interns a location for `frames` at `address`.
     fn new_location(&mut self, address: u64, frames: &[Frame]) -> LocationId {
         let profiler_own = frames.iter().all(|f| (self.skip_frame)(&f.function));
+        // Inlined standard-library helpers (`<u64>::wrapping_mul`, `Vec::push`, iterator
+        // adapters) are folded into the function they were inlined into: the caller's line
+        // still says where, and a flat profile names the service's function instead of
+        // spreading its time over a dozen std one-liners. The outermost function of the frame
+        // is real (it has a stack frame of its own) and always stays.
+        let outermost = frames.len().saturating_sub(1);
         let line = frames
             .iter()
-            .map(|f| {
+            .enumerate()
+            .filter(|&(i, f)| i == outermost || !is_std_function(&f.function))
+            .map(|(_, f)| {
                 let name = self.string(&f.function);
                 let system_name = self.string(f.system_name.as_deref().unwrap_or(&f.function));
                 let filename = self.string(f.file.as_deref().unwrap_or(""));
@@ -299,5 +313,58 @@ impl PprofBuilder {
         self.strings.push(s.to_owned());
         self.string_ids.insert(s.to_owned(), id);
         id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_library_functions_are_recognised() {
+        for f in [
+            "core::cmp::Ord::min",
+            "alloc::vec::Vec<T>::push",
+            "std::thread::spawn",
+            "<u64>::wrapping_mul",
+            "<[T]>::chunks",
+            "<&str>::len",
+            "<alloc::vec::Vec<u8> as core::clone::Clone>::clone",
+            "<core::slice::iter::Chunks<T> as core::iter::traits::iterator::Iterator>::next",
+        ] {
+            assert!(is_std_function(f), "{f}");
+        }
+        for f in [
+            "demo_mq::broker::checksum_payload",
+            "<demo_mq::broker::Broker>::publish",
+            "<alloc::vec::Vec<u8> as demo_mq::Encode>::encode",
+            "memcpy",
+            "0x7f00",
+        ] {
+            assert!(!is_std_function(f), "{f}");
+        }
+    }
+
+    #[test]
+    fn inlined_std_helpers_fold_into_their_caller() {
+        let frame = |function: &str, line| Frame { function: function.into(), system_name: None, file: None, line };
+        let mut b = PprofBuilder::new(&[("samples", "count")], ("samples", "count"), 1);
+        // One physical frame: `<u64>::wrapping_mul` inlined into `Ord::min` inlined into the
+        // service's function.
+        b.add_frames(
+            &[vec![frame("<u64>::wrapping_mul", 10), frame("core::cmp::Ord::min", 20), frame("svc::hot", 30)]],
+            &[5],
+            &[],
+        );
+        // A physical std frame stays.
+        b.add_frames(&[vec![frame("alloc::raw_vec::finish_grow", 1)], vec![frame("svc::grow", 2)]], &[1], &[]);
+        let profile = b.build();
+        let rows = crate::pprof::function_totals(&profile, "samples").unwrap();
+        assert_eq!(rows[0].function, "svc::hot");
+        assert_eq!(rows[0].flat, 5);
+        assert!(rows.iter().any(|r| r.function == "alloc::raw_vec::finish_grow" && r.flat == 1));
+        assert!(!rows.iter().any(|r| r.function.contains("wrapping_mul") || r.function.contains("Ord::min")));
+        assert_eq!(profile.location[0].line.len(), 1);
+        assert_eq!(profile.location[0].line[0].line, 30, "the caller's line says where the helper was called");
     }
 }

@@ -22,7 +22,9 @@ impl Default for Settings {
 
 impl Settings {
     pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(mode) = env::parsed("ONSITE_MEMORY_MODE", |text| text.parse::<MemoryMode>().map_err(|e| e.to_string()))? {
+        if let Some(mode) =
+            env::parsed("ONSITE_MEMORY_MODE", |text| text.parse::<MemoryMode>().map_err(|e| e.to_string()))?
+        {
             self.mode = mode;
         }
         if let Some(bytes) = env::parsed("ONSITE_MEMORY_SAMPLE_BYTES", env::parse_in_range(1..=1u64 << 30))? {

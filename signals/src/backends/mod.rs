@@ -46,7 +46,10 @@ impl Settings {
         Ok(())
     }
 
-    /// The profilers of every compiled-in backend, in [`ProfileKind::CAPTURED`] order.
+    /// The profilers of every compiled-in backend, in the order a capture starts them:
+    /// [`ProfileKind::CAPTURED`] order, except memory, which starts last (and so stops first):
+    /// its window then holds none of onsite's own start and stop allocations, such as
+    /// pprof-rs's sample buckets.
     pub(crate) fn profilers(&self) -> Vec<Box<dyn Profiler>> {
         let mut all: Vec<Box<dyn Profiler>> = Vec::new();
         #[cfg(feature = "cpu")]
@@ -59,7 +62,10 @@ impl Settings {
         all.extend(self.trace.profilers());
         #[cfg(feature = "threads")]
         all.extend(self.threads.profilers());
-        all.sort_by_key(|p| ProfileKind::CAPTURED.iter().position(|&k| k == p.kind()));
+        all.sort_by_key(|p| match p.kind() {
+            ProfileKind::Memory => usize::MAX,
+            kind => ProfileKind::CAPTURED.iter().position(|&k| k == kind).unwrap_or(usize::MAX - 1),
+        });
         all
     }
 }

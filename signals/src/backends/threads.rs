@@ -35,9 +35,17 @@ fn parse_realtime_signal(text: &str) -> Result<i32, String> {
     let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
     let upper = text.to_ascii_uppercase();
     let number = if let Some(rest) = upper.strip_prefix("SIGRTMIN") {
-        min + if rest.is_empty() { 0 } else { rest.strip_prefix('+').and_then(|n| n.parse().ok()).ok_or("expected SIGRTMIN+N")? }
+        min + if rest.is_empty() {
+            0
+        } else {
+            rest.strip_prefix('+').and_then(|n| n.parse().ok()).ok_or("expected SIGRTMIN+N")?
+        }
     } else if let Some(rest) = upper.strip_prefix("SIGRTMAX") {
-        max - if rest.is_empty() { 0 } else { rest.strip_prefix('-').and_then(|n| n.parse().ok()).ok_or("expected SIGRTMAX-N")? }
+        max - if rest.is_empty() {
+            0
+        } else {
+            rest.strip_prefix('-').and_then(|n| n.parse().ok()).ok_or("expected SIGRTMAX-N")?
+        }
     } else {
         upper.parse().map_err(|_| "expected a real-time signal such as SIGRTMIN+4 or its number")?
     };

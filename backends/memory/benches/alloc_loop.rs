@@ -1,0 +1,315 @@
+//! The cost of onsite's allocator: an allocation-heavy loop on 2 threads, run against `System`,
+//! onsite's allocator with no capture, during a sampled capture (default 512 KiB mean), during a
+//! sampled capture that holds ~2000 live sampled blocks (so frees meet a busy sample table, as in
+//! a service with a large heap), and during a dhat capture.
+//!
+//! `cargo bench -p onsite-memory` — the headline: throughput ratios, all in one run. The setups
+//! run in interleaved rounds (each round runs every setup once, in an order rotated round by
+//! round so none always runs first or right after dhat); each setup's ratio is taken against
+//! `System` *in the same round*, and the report gives the median of those per-round ratios and
+//! their spread (quartiles, min–max). Load from other processes comes and goes over seconds;
+//! within one round (~1.5 s) it hits every setup about alike, so per-round ratios cancel most
+//! of it, and the median drops the rounds it did not.
+//!
+//! `cargo bench -p onsite-memory -- --instructions` — a supporting, noise-free view: re-runs
+//! this binary under `valgrind --tool=callgrind` once per setup (one thread, a fixed number of
+//! operations) and reports instructions per operation, counted inside the loop only (malloc and
+//! free included). Instructions are not time (cache misses and contention do not show), so this
+//! explains the throughput figures; it does not replace them.
+//!
+//! `ONSITE_BENCH_ROUNDS` (default 15) and `ONSITE_BENCH_ROUND_MS` (default 200) change the run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler, Stopper};
+use onsite_memory::{Allocator, DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler};
+
+#[global_allocator]
+static ALLOC: Allocator = Allocator::new();
+
+const THREADS: usize = 2;
+const ROUNDS: usize = 15;
+const ROUND_MS: u64 = 200;
+/// Live blocks per thread: each step frees the oldest and allocates a new one.
+const RING: usize = 64;
+/// Memory the `SampledBusy` setup keeps live, allocated during the capture: about
+/// `BALLAST / DEFAULT_SAMPLE_BYTES` = 2048 live sampled blocks.
+const BALLAST: usize = 1 << 30;
+const BALLAST_BLOCK: usize = 64 * 1024;
+/// Operations per setup for the instruction count (one thread).
+const COUNTED_OPS: u64 = 2_000_000;
+/// Selects the setup when this binary runs under callgrind.
+const SETUP_ENV: &str = "ONSITE_BENCH_COUNT_SETUP";
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Setup {
+    System,
+    Off,
+    Sampled,
+    SampledBusy,
+    Dhat,
+}
+
+const SETUPS: [Setup; 5] = [Setup::System, Setup::Off, Setup::Sampled, Setup::SampledBusy, Setup::Dhat];
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::System => "System alone",
+            Setup::Off => "onsite, no capture",
+            Setup::Sampled => "onsite, sampled capture (512 KiB)",
+            Setup::SampledBusy => "onsite, sampled capture, 1 GiB sampled live (~2000 blocks)",
+            Setup::Dhat => "onsite, dhat capture",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Setup::System => "system",
+            Setup::Off => "off",
+            Setup::Sampled => "sampled",
+            Setup::SampledBusy => "sampled-busy",
+            Setup::Dhat => "dhat",
+        }
+    }
+}
+
+/// When to stop a `churn` loop.
+#[derive(Clone, Copy)]
+enum Until {
+    Time(Instant),
+    /// At least this many operations.
+    Ops(u64),
+}
+
+/// One thread's loop: allocate, touch, sometimes grow, free the oldest. Returns operations
+/// (allocations + frees + reallocs) done.
+#[inline(never)]
+fn churn<A: GlobalAlloc>(a: &A, seed: usize, until: Until) -> u64 {
+    let mut ring: [(*mut u8, Layout); RING] = [(std::ptr::null_mut(), Layout::new::<u8>()); RING];
+    let mut ops = 0u64;
+    let mut x = seed as u64 | 1;
+    let mut i = 0usize;
+    loop {
+        for _ in 0..256 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let size = 16 + (x % 1008) as usize;
+            let slot = &mut ring[i % RING];
+            // SAFETY: every pointer in the ring came from `a` with the layout stored beside it.
+            unsafe {
+                if !slot.0.is_null() {
+                    a.dealloc(slot.0, slot.1);
+                    ops += 1;
+                }
+                let layout = Layout::from_size_align_unchecked(size, 8);
+                let mut ptr = a.alloc(layout);
+                assert!(!ptr.is_null());
+                ptr.write(1);
+                let mut layout = layout;
+                if x.is_multiple_of(8) {
+                    ptr = a.realloc(ptr, layout, size * 2);
+                    assert!(!ptr.is_null());
+                    layout = Layout::from_size_align_unchecked(size * 2, 8);
+                    ops += 1;
+                }
+                *slot = (black_box(ptr), layout);
+            }
+            ops += 1;
+            i += 1;
+        }
+        let done = match until {
+            Until::Time(end) => Instant::now() >= end,
+            Until::Ops(n) => ops >= n,
+        };
+        if done {
+            break;
+        }
+    }
+    for (ptr, layout) in ring {
+        if !ptr.is_null() {
+            // SAFETY: as above.
+            unsafe { a.dealloc(ptr, layout) };
+        }
+    }
+    ops
+}
+
+fn run_churn(setup: Setup, seed: usize, until: Until) -> u64 {
+    if setup == Setup::System { churn(&System, seed, until) } else { churn(&ALLOC, seed, until) }
+}
+
+/// Operations per second of `THREADS` threads running `churn` for one round.
+fn round(setup: Setup, length: Duration) -> f64 {
+    let barrier = Barrier::new(THREADS);
+    let total: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    run_churn(setup, t + 1, Until::Time(Instant::now() + length))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    total as f64 / length.as_secs_f64()
+}
+
+/// Starts the capture `setup` runs under (and its ballast), or nothing.
+fn start(setup: Setup) -> (Option<Box<dyn Stopper>>, Vec<Vec<u8>>) {
+    let profiler = match setup {
+        Setup::System | Setup::Off => return (None, Vec::new()),
+        Setup::Sampled | Setup::SampledBusy => MemoryProfiler::new(MemoryMode::Sampled, DEFAULT_SAMPLE_BYTES),
+        Setup::Dhat => MemoryProfiler::new(MemoryMode::Dhat, 1),
+    };
+    let stopper = profiler.clone().start().unwrap();
+    let mut ballast = Vec::new();
+    if setup == Setup::SampledBusy {
+        // Reserved, not touched: only the allocator's headers become resident.
+        ballast = (0..BALLAST / BALLAST_BLOCK).map(|_| Vec::with_capacity(BALLAST_BLOCK)).collect();
+    }
+    (Some(stopper), ballast)
+}
+
+fn stop(stopper: Option<Box<dyn Stopper>>, ballast: Vec<Vec<u8>>, dir: &std::path::Path) {
+    if let Some(stopper) = stopper {
+        let sub = dir.join(format!("{}", rand_suffix()));
+        std::fs::create_dir_all(&sub).unwrap();
+        stopper.stop(&CaptureOutput::new(DumpDir::new(&sub), CaptureStamp::now())).unwrap();
+        std::fs::remove_dir_all(&sub).unwrap();
+    }
+    drop(black_box(ballast));
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn measure(setup: Setup, dir: &std::path::Path, length: Duration) -> f64 {
+    let (stopper, ballast) = start(setup);
+    let rate = round(setup, length);
+    stop(stopper, ballast, dir);
+    rate
+}
+
+/// The value at quantile `q` (nearest rank) of sorted `v`.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
+}
+
+#[allow(clippy::print_stdout)] // a benchmark's report is its output
+fn throughput(quick: bool) {
+    let rounds = if quick { 1 } else { env_number("ONSITE_BENCH_ROUNDS", ROUNDS as u64) as usize };
+    let length = Duration::from_millis(if quick { 20 } else { env_number("ONSITE_BENCH_ROUND_MS", ROUND_MS) });
+    let dir = tempfile::tempdir().unwrap();
+    let load_before = load_average();
+    // Warm-up: the allocator's arenas, the sample tables' pages, the code.
+    for &setup in &SETUPS[..SETUPS.len() - 1] {
+        measure(setup, dir.path(), length / 2);
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    for r in 0..rounds {
+        for k in 0..SETUPS.len() {
+            let i = (r + k) % SETUPS.len();
+            rates[i].push(measure(SETUPS[i], dir.path(), length));
+        }
+    }
+    println!(
+        "allocation loop, {THREADS} threads, {rounds} interleaved rounds of {length:?} per setup; \
+         load average before {load_before}, after {}",
+        load_average()
+    );
+    println!("ratio = throughput / System's in the same round; median [quartiles] (min–max) over rounds");
+    println!();
+    println!("| setup | ops/s (2 threads, median) | ratio to System, median | quartiles | min–max |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (i, setup) in SETUPS.iter().enumerate() {
+        let mut ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(r, base)| r / base).collect();
+        ratios.sort_by(f64::total_cmp);
+        let mut own = rates[i].clone();
+        own.sort_by(f64::total_cmp);
+        println!(
+            "| {} | {:.2e} | {:.3} | {:.3}–{:.3} | {:.3}–{:.3} |",
+            setup.name(),
+            quantile(&own, 0.5),
+            quantile(&ratios, 0.5),
+            quantile(&ratios, 0.25),
+            quantile(&ratios, 0.75),
+            ratios[0],
+            ratios[ratios.len() - 1],
+        );
+    }
+}
+
+/// Runs under callgrind: one setup, one thread, `COUNTED_OPS` operations inside `churn`.
+fn counted(setup: Setup) {
+    let dir = tempfile::tempdir().unwrap();
+    let (stopper, ballast) = start(setup);
+    black_box(run_churn(setup, 1, Until::Ops(COUNTED_OPS)));
+    stop(stopper, ballast, dir.path());
+}
+
+/// Re-runs this binary under callgrind for each setup but dhat (far too slow there) and prints
+/// instructions per operation inside `churn`.
+#[allow(clippy::print_stdout)]
+fn instructions() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    println!("instructions per operation inside the loop (callgrind, 1 thread, {COUNTED_OPS} operations)");
+    println!();
+    println!("| setup | instructions / op | vs System |");
+    println!("| --- | ---: | ---: |");
+    let mut base = None;
+    for setup in SETUPS.into_iter().filter(|&s| s != Setup::Dhat) {
+        let out = dir.path().join(format!("callgrind.{}", setup.key()));
+        let status = std::process::Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg("--toggle-collect=*churn*")
+            .arg(&exe)
+            .env(SETUP_ENV, setup.key())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("valgrind runs (is it installed?)");
+        assert!(status.success(), "callgrind run of {} failed: {status}", setup.key());
+        let text = std::fs::read_to_string(&out).unwrap();
+        let total: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("callgrind output has a summary");
+        let per_op = total / COUNTED_OPS as f64;
+        let base = *base.get_or_insert(per_op);
+        println!("| {} | {:.1} | {:+.1} |", setup.name(), per_op, per_op - base);
+    }
+}
+
+fn main() {
+    if let Ok(key) = std::env::var(SETUP_ENV) {
+        let setup = SETUPS.into_iter().find(|s| s.key() == key).expect("known setup");
+        return counted(setup);
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--instructions") {
+        return instructions();
+    }
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too, so keep it short there.
+    throughput(!args.iter().any(|a| a == "--bench"));
+}

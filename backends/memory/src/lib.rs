@@ -1,0 +1,238 @@
+//! onsite-memory: heap captures, exact (dhat) or sampled, written as Go-style heap pprof.
+//!
+//! A library cannot choose a program's global allocator, so a service opts in with one line:
+//!
+//! ```ignore
+//! #[global_allocator]
+//! static ALLOC: onsite::memory::Allocator = onsite::memory::Allocator::new();
+//! ```
+//!
+//! [`Allocator`] costs one relaxed atomic load and a call to [`System`] while no capture runs.
+//! A capture is started and stopped by [`MemoryProfiler`] (an `onsite_core::Profiler`) in one of
+//! two [`MemoryMode`]s:
+//!
+//! - [`MemoryMode::Sampled`] (the default): one allocation per ~512 KiB allocated (per thread,
+//!   exponential intervals like Go's `MemProfileRate`) records its stack; the rest cost a
+//!   thread-local subtraction. Estimates are scaled back like Go's `scaleHeapSample`.
+//! - [`MemoryMode::Dhat`]: every allocation goes through `dhat::Alloc` (a backtrace under a
+//!   global lock each, roughly two orders of magnitude slower); exact counts, plus dhat's JSON
+//!   for `dh_view.html`.
+//!
+//! Both write `…-memory-….pprof` with `alloc_objects`, `alloc_space`, `inuse_objects`,
+//! `inuse_space` (default), where "in use" means allocated during the capture and still live
+//! when it stopped.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+
+mod capture;
+mod dhat_mode;
+mod heap_pprof;
+mod sampled;
+
+pub use capture::{DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler, UnknownMode};
+
+/// What the allocator does with each call; changed only by the control thread.
+static MODE: AtomicU8 = AtomicU8::new(mode::OFF);
+
+/// Calls into `dhat::Alloc` (or into the sampler's tables) that have started and not finished.
+/// A stop switches [`MODE`] away and then waits for this to reach zero, so nothing touches the
+/// capture's state after the stop took it (see `dhat_mode` and `sampled`).
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Set by any allocation routed through [`Allocator`] while [`MODE`] is `PROBE`: proof that it
+/// is the process's global allocator.
+static PROBE_SEEN: AtomicBool = AtomicBool::new(false);
+
+mod mode {
+    /// No capture: straight to `System`.
+    pub(crate) const OFF: u8 = 0;
+    /// A capture is starting and checks that the allocator is installed.
+    pub(crate) const PROBE: u8 = 1;
+    /// A dhat capture: every call goes through `dhat::Alloc`.
+    pub(crate) const DHAT: u8 = 2;
+    /// A dhat capture is stopping: `System` for everyone while dhat writes its report.
+    pub(crate) const DRAINING: u8 = 3;
+    /// A sampled capture.
+    pub(crate) const SAMPLED: u8 = 4;
+}
+
+/// onsite's global allocator: `System`, plus whatever a running memory capture needs.
+///
+/// Declare it once in the service's binary (see the crate docs); without it a memory capture
+/// fails to start with an error saying so, and the other kinds of the capture carry on.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Allocator;
+
+impl Allocator {
+    /// The allocator, for `#[global_allocator] static ALLOC: Allocator = Allocator::new();`.
+    pub const fn new() -> Self {
+        Allocator
+    }
+}
+
+// SAFETY: every path hands the call to `System` (directly, through `dhat::Alloc`, which wraps
+// `System`, or after the sampler's bookkeeping), with the caller's pointer and layout unchanged,
+// so `System`'s guarantees are the allocator's.
+unsafe impl GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let mode = MODE.load(Ordering::Relaxed);
+        if mode == mode::OFF {
+            // SAFETY: forwarded as received.
+            return unsafe { System.alloc(layout) };
+        }
+        // SAFETY: forwarded as received.
+        unsafe { routed::alloc(mode, layout, false) }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let mode = MODE.load(Ordering::Relaxed);
+        if mode == mode::OFF {
+            // SAFETY: forwarded as received.
+            return unsafe { System.alloc_zeroed(layout) };
+        }
+        // SAFETY: forwarded as received.
+        unsafe { routed::alloc(mode, layout, true) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let mode = MODE.load(Ordering::Relaxed);
+        if mode == mode::OFF {
+            // SAFETY: forwarded as received.
+            return unsafe { System.dealloc(ptr, layout) };
+        }
+        // SAFETY: forwarded as received.
+        unsafe { routed::dealloc(mode, ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let mode = MODE.load(Ordering::Relaxed);
+        if mode == mode::OFF {
+            // SAFETY: forwarded as received.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: forwarded as received.
+        unsafe { routed::realloc(mode, ptr, layout, new_size) }
+    }
+}
+
+/// The paths taken while a capture runs.
+mod routed {
+    use super::*;
+
+    /// Counts this call in [`IN_FLIGHT`] and tells whether the mode is still `DHAT`; on `true`
+    /// the caller goes through dhat and then calls [`leave_dhat`], on `false` it stays away
+    /// from dhat. The SeqCst increment-then-check pairs with the stop's SeqCst
+    /// store-then-wait: either the stop sees this call in flight and waits for it, or this call
+    /// sees the new mode.
+    #[inline(always)]
+    fn enter_dhat() -> bool {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        if MODE.load(Ordering::SeqCst) == mode::DHAT {
+            true
+        } else {
+            IN_FLIGHT.fetch_sub(1, Ordering::Release);
+            false
+        }
+    }
+
+    #[inline(always)]
+    fn leave_dhat() {
+        IN_FLIGHT.fetch_sub(1, Ordering::Release);
+    }
+
+    // Inlined so the sampled mode's common case (a thread-local countdown) costs no call; the
+    // mode read by the caller is reused (a stale one is handled like any racing call).
+    #[inline]
+    pub(super) unsafe fn alloc(mode: u8, layout: Layout, zeroed: bool) -> *mut u8 {
+        if mode == mode::DHAT && enter_dhat() {
+            // SAFETY: forwarded as received; dhat allocates from `System`.
+            let ptr = unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } };
+            leave_dhat();
+            return ptr;
+        }
+        // SAFETY: forwarded as received.
+        let ptr = unsafe { if zeroed { System.alloc_zeroed(layout) } else { System.alloc(layout) } };
+        match mode {
+            mode::SAMPLED if !ptr.is_null() => sampled::on_alloc(ptr, layout.size()),
+            mode::PROBE => PROBE_SEEN.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+        ptr
+    }
+
+    #[inline]
+    pub(super) unsafe fn dealloc(mode: u8, ptr: *mut u8, layout: Layout) {
+        if mode == mode::DHAT && enter_dhat() {
+            // SAFETY: forwarded as received; dhat ignores blocks it never recorded.
+            unsafe { dhat::Alloc.dealloc(ptr, layout) };
+            leave_dhat();
+            return;
+        }
+        if mode == mode::SAMPLED {
+            // Forget the block before `System` can hand its address out again.
+            sampled::on_free(ptr);
+        }
+        // SAFETY: forwarded as received.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    #[inline]
+    pub(super) unsafe fn realloc(mode: u8, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if mode == mode::DHAT && enter_dhat() {
+            // SAFETY: forwarded as received; a block dhat never saw is recorded as new.
+            let new = unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
+            leave_dhat();
+            return new;
+        }
+        if mode == mode::SAMPLED {
+            // A realloc is a free of the old block and an allocation of the new size, for the
+            // books as for dhat. The old block is forgotten first: once `System` has it, its
+            // address may be handed to another thread and sampled there.
+            sampled::on_free(ptr);
+        }
+        // SAFETY: forwarded as received.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        match mode {
+            mode::SAMPLED if !new.is_null() => sampled::on_alloc(new, new_size),
+            mode::PROBE => PROBE_SEEN.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+        new
+    }
+}
+
+/// Moves [`MODE`] from `OFF` to `PROBE`, allocates once, and reports whether that allocation
+/// came through [`Allocator`]. Leaves the mode at `PROBE` on success (the caller owns the
+/// capture from here) and at `OFF` on failure. `Err(true)` means another memory capture runs.
+fn claim_and_probe() -> Result<(), bool> {
+    if MODE.compare_exchange(mode::OFF, mode::PROBE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        return Err(true);
+    }
+    PROBE_SEEN.store(false, Ordering::SeqCst);
+    drop(std::hint::black_box(Box::new(std::hint::black_box(0u64))));
+    if PROBE_SEEN.load(Ordering::SeqCst) {
+        Ok(())
+    } else {
+        MODE.store(mode::OFF, Ordering::SeqCst);
+        Err(false)
+    }
+}
+
+/// Waits until no call counted in [`IN_FLIGHT`] is left. Those calls only ever wait for each
+/// other (dhat's lock), never for the control thread, so this ends.
+fn wait_for_in_flight() {
+    let started = std::time::Instant::now();
+    let mut warned = false;
+    while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+        if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
+            warned = true;
+            tracing::warn!("onsite: memory capture stop is still waiting for allocations in progress");
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Shared by the memory tests: run a role of the test binary as a child process with a
+//! deadline, drive a capture through the `Profiler` API, and read what it wrote.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use onsite_core::pprof::{FunctionTotal, decode, function_totals, proto::Profile};
+use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler, WrittenFile};
+use onsite_memory::MemoryProfiler;
+
+/// Which child role the test binary plays (the child test's name).
+pub const ROLE_ENV: &str = "ONSITE_MEMORY_TEST_ROLE";
+/// Where the child writes its captures.
+pub const DIR_ENV: &str = "ONSITE_MEMORY_TEST_DIR";
+/// A file the child rewrites with its progress (e.g. the cycle it is in).
+pub const PROGRESS_FILE: &str = "progress";
+
+/// The dump directory when this process is the child playing `role`, else `None`.
+pub fn child_role(role: &str) -> Option<PathBuf> {
+    (std::env::var(ROLE_ENV).ok()? == role).then(|| PathBuf::from(std::env::var(DIR_ENV).unwrap()))
+}
+
+/// Runs this test binary's `#[ignore]`d test `role` as a child writing into `dir`. Fails if it
+/// does not succeed, if it runs past `deadline`, or if its progress file stays unchanged for
+/// `stall` (the child is killed then).
+pub fn run_child(role: &str, dir: &Path, deadline: Duration, stall: Duration) {
+    let stderr_path = dir.join("child-stderr.txt");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", role, "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ROLE_ENV, role)
+        .env(DIR_ENV, dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut last_progress = String::new();
+    let mut progress_at = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = tail(&stderr_path);
+            assert!(
+                status.success(),
+                "child {role} failed: {status}; progress {last_progress:?}; stderr tail:\n{stderr}"
+            );
+            return;
+        }
+        let progress = std::fs::read_to_string(dir.join(PROGRESS_FILE)).unwrap_or_default();
+        if progress != last_progress {
+            last_progress = progress;
+            progress_at = Instant::now();
+        }
+        if started.elapsed() > deadline || progress_at.elapsed() > stall {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "child {role} killed: no progress for {:?} (at {last_progress:?}) or past its {deadline:?} deadline; \
+                 stderr tail:\n{}",
+                progress_at.elapsed(),
+                tail(&stderr_path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(3000);
+    text[text.floor_char_boundary(start)..].to_owned()
+}
+
+/// Notes the child's progress for the parent's stall check.
+pub fn progress(dir: &Path, text: &str) {
+    std::fs::write(dir.join(PROGRESS_FILE), text).unwrap();
+}
+
+/// Runs one capture around `during`, writing into `dir` (created if needed).
+pub fn capture(profiler: &mut MemoryProfiler, dir: &Path, during: impl FnOnce()) -> Vec<WrittenFile> {
+    std::fs::create_dir_all(dir).unwrap();
+    let stopper = profiler.start().expect("memory capture starts");
+    during();
+    let out = CaptureOutput::new(DumpDir::new(dir), CaptureStamp::now());
+    stopper.stop(&out).expect("memory capture stops and writes");
+    out.written().into_iter().map(|(_, f)| f).collect()
+}
+
+/// The one file under `dir` whose name ends with `suffix`.
+pub fn only_file(dir: &Path, suffix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().ends_with(suffix))
+        .collect();
+    assert_eq!(found.len(), 1, "one *{suffix} in {}: {found:?}", dir.display());
+    found.into_iter().next().unwrap()
+}
+
+pub fn read_pprof(path: &Path) -> Profile {
+    decode(&std::fs::read(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn totals(profile: &Profile, sample_type: &str) -> Vec<FunctionTotal> {
+    function_totals(profile, sample_type).unwrap_or_else(|| panic!("no {sample_type} sample type"))
+}
+
+/// The flat value of the function whose name ends with `name`, its closures included (0 when
+/// absent).
+pub fn flat(rows: &[FunctionTotal], name: &str) -> i64 {
+    rows.iter().filter(|r| is_fn(&r.function, name)).map(|r| r.flat).sum()
+}
+
+/// Whether `function` is `name` (a path suffix) or one of its closures.
+pub fn is_fn(function: &str, name: &str) -> bool {
+    let mut f = function;
+    while let Some(outer) = f.strip_suffix("::{{closure}}") {
+        f = outer;
+    }
+    f.ends_with(name)
+}
+
+/// The profile's sample type names, in order, and the default one.
+pub fn sample_types(profile: &Profile) -> (Vec<String>, String) {
+    let s = |i: i64| profile.string_table[i as usize].clone();
+    (
+        profile.sample_type.iter().map(|t| format!("{}/{}", s(t.r#type), s(t.unit))).collect(),
+        s(profile.default_sample_type),
+    )
+}

@@ -1,0 +1,189 @@
+//! Sampled mode, as a service meets it: a child process with onsite's allocator installed leaks
+//! and churns known amounts during a capture; the parent decodes the profile and checks the
+//! scaled estimates.
+
+mod common;
+
+use std::hint::black_box;
+use std::io::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use onsite_memory::{MemoryMode, MemoryProfiler};
+
+#[global_allocator]
+static ALLOC: onsite_memory::Allocator = onsite_memory::Allocator::new();
+
+const BLOCK: usize = 4096;
+const MIB: usize = 1 << 20;
+/// A smaller mean than the default 512 KiB, so ±20% on 64 MiB is ~6 standard deviations
+/// (1024 expected samples) and the test cannot fail by chance in practice.
+const TEST_MEAN: u64 = 64 * 1024;
+
+static LEAK: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+#[inline(never)]
+fn planted_leak(bytes: usize) {
+    let mut leak = LEAK.lock().unwrap();
+    for i in 0..bytes / BLOCK {
+        leak.push(vec![i as u8; BLOCK]);
+    }
+}
+
+#[inline(never)]
+fn smaller_leak(bytes: usize) {
+    let mut leak = LEAK.lock().unwrap();
+    for i in 0..bytes / BLOCK {
+        leak.push(vec![i as u8; BLOCK]);
+    }
+}
+
+#[inline(never)]
+fn planted_churn(bytes: usize) {
+    for i in 0..bytes / BLOCK {
+        drop(black_box(vec![i as u8; BLOCK]));
+    }
+}
+
+fn sampled() -> MemoryProfiler {
+    MemoryProfiler::new(MemoryMode::Sampled, TEST_MEAN)
+}
+
+#[test]
+fn a_64_mib_leak_is_named_first_and_estimated_within_20_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("child_leak_and_churn", dir.path(), Duration::from_secs(60), Duration::from_secs(60));
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".dhat.json"))
+    );
+    let profile = read_pprof(&only_file(dir.path(), ".pprof"));
+    let (types, default) = sample_types(&profile);
+    assert_eq!(types, ["alloc_objects/count", "alloc_space/bytes", "inuse_objects/count", "inuse_space/bytes"]);
+    assert_eq!(default, "inuse_space");
+    assert_eq!(profile.period, TEST_MEAN as i64);
+
+    let inuse = totals(&profile, "inuse_space");
+    assert!(is_fn(&inuse[0].function, "planted_leak"), "the leak comes first: {:?}", &inuse[..3.min(inuse.len())]);
+    let estimate = flat(&inuse, "planted_leak") as f64;
+    let truth = (64 * MIB) as f64;
+    assert!((estimate / truth - 1.0).abs() <= 0.20, "estimated {estimate} bytes in use for a {truth}-byte leak");
+    let objects = flat(&totals(&profile, "inuse_objects"), "planted_leak") as f64;
+    let truth_objects = (64 * MIB / BLOCK) as f64;
+    assert!((objects / truth_objects - 1.0).abs() <= 0.20, "estimated {objects} blocks for {truth_objects}");
+
+    let churn_inuse = flat(&inuse, "planted_churn") as f64;
+    assert!(churn_inuse <= 0.02 * truth, "churn holds ~nothing: {churn_inuse}");
+    let churn_alloc = flat(&totals(&profile, "alloc_space"), "planted_churn") as f64;
+    assert!((churn_alloc / (128 * MIB) as f64 - 1.0).abs() <= 0.20, "churn allocated ~128 MiB: {churn_alloc}");
+}
+
+#[test]
+#[ignore = "child role"]
+fn child_leak_and_churn() {
+    let Some(dir) = child_role("child_leak_and_churn") else { return };
+    capture(&mut sampled(), &dir, || {
+        planted_leak(64 * MIB);
+        planted_churn(128 * MIB);
+    });
+}
+
+#[test]
+fn two_leaks_of_3_to_1_come_out_in_order_and_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("child_two_leaks", dir.path(), Duration::from_secs(60), Duration::from_secs(60));
+    let inuse = totals(&read_pprof(&only_file(dir.path(), ".pprof")), "inuse_space");
+    assert!(is_fn(&inuse[0].function, "planted_leak"), "{:?}", &inuse[..3.min(inuse.len())]);
+    assert!(is_fn(&inuse[1].function, "smaller_leak"), "{:?}", &inuse[..3.min(inuse.len())]);
+    let ratio = flat(&inuse, "planted_leak") as f64 / flat(&inuse, "smaller_leak") as f64;
+    assert!((2.4..=3.75).contains(&ratio), "3:1 leaks estimated at {ratio:.2}:1");
+}
+
+#[test]
+#[ignore = "child role"]
+fn child_two_leaks() {
+    let Some(dir) = child_role("child_two_leaks") else { return };
+    capture(&mut sampled(), &dir, || {
+        planted_leak(24 * MIB);
+        smaller_leak(8 * MIB);
+    });
+}
+
+/// 30 captures while 4 threads allocate, free and reallocate (with a tiny mean, so the tables
+/// are busy and fill up) and one thread allocates while holding the stderr lock.
+#[test]
+fn thirty_cycles_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("child_cycles_under_load", dir.path(), Duration::from_secs(60), Duration::from_secs(20));
+    for cycle in 0..CYCLES {
+        let profile = read_pprof(&only_file(&dir.path().join(format!("cycle-{cycle}")), ".pprof"));
+        assert_eq!(profile.sample_type.len(), 4, "cycle {cycle}");
+        assert!(!profile.sample.is_empty(), "cycle {cycle} sampled something");
+    }
+}
+
+const CYCLES: usize = 30;
+
+#[test]
+#[ignore = "child role"]
+fn child_cycles_under_load() {
+    let Some(dir) = child_role("child_cycles_under_load") else { return };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let stop = &stop;
+            s.spawn(move || churn_with_reallocs(worker, stop));
+        }
+        s.spawn(|| {
+            let mut line = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut err = std::io::stderr().lock();
+                let text = format!("writer line {line} {:?}", vec![line; 4]);
+                let _ = writeln!(err, "{text}");
+                drop(err);
+                line += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        // Alternate a tiny mean (tables under pressure) with the default.
+        for cycle in 0..CYCLES {
+            progress(&dir, &format!("cycle {cycle}"));
+            let mean = if cycle % 2 == 0 { 256 } else { onsite_memory::DEFAULT_SAMPLE_BYTES / 64 };
+            let mut profiler = MemoryProfiler::new(MemoryMode::Sampled, mean);
+            capture(&mut profiler, &dir.join(format!("cycle-{cycle}")), || {
+                std::thread::sleep(Duration::from_millis(30))
+            });
+        }
+        progress(&dir, "done");
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+/// Allocates, frees and reallocates blocks of varying sizes until `stop`.
+fn churn_with_reallocs(seed: usize, stop: &AtomicBool) {
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut i = seed;
+    while !stop.load(Ordering::Relaxed) {
+        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let size = 1 + (i >> 33) % 3000;
+        match (i >> 20) % 4 {
+            0 | 1 => pool.push(vec![i as u8; size]),
+            2 => {
+                if let Some(v) = pool.last_mut() {
+                    v.resize(v.len() + size, 1);
+                    v.shrink_to_fit();
+                }
+            }
+            _ => {
+                if !pool.is_empty() {
+                    let at = (i >> 40) % pool.len();
+                    pool.swap_remove(at);
+                }
+            }
+        }
+        if pool.len() > 256 {
+            pool.truncate(64);
+        }
+    }
+}

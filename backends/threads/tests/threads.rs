@@ -1,0 +1,243 @@
+//! The threadcreate profile and the all-threads dump, each in a real child process (the hook and
+//! the dump are process-wide), read back with onsite's pprof reader and as text.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use onsite_core::pprof::{decode, function_totals};
+use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler};
+
+const ROLE: &str = "ONSITE_THREADS_TEST_ROLE";
+const DIR: &str = "ONSITE_THREADS_TEST_DIR";
+const ALPHA: usize = 3;
+const BETA: usize = 5;
+
+/// Runs this test binary's `child` test with `role`, failing (and killing it) after a deadline.
+fn run_child(role: &str, dir: &Path) -> String {
+    let mut process = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(DIR, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while process.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            process.kill().unwrap();
+            let _ = process.wait();
+            panic!("child {role} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = process.wait_with_output().unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "child {role} failed: {text}");
+    text
+}
+
+fn the_file(dir: &Path, kind: &str) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&format!("-{kind}-")))
+        .collect();
+    assert_eq!(files.len(), 1, "one {kind} file: {files:?}");
+    files.into_iter().next().unwrap()
+}
+
+fn cum(profile: &onsite_core::pprof::proto::Profile, sample_type: &str, function: &str) -> i64 {
+    let rows = function_totals(profile, sample_type).expect("the sample type exists");
+    rows.iter().filter(|r| r.function.ends_with(function)).map(|r| r.cum).sum()
+}
+
+#[test]
+fn threadcreate_counts_threads_by_the_function_that_created_them() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("threadcreate", dir.path());
+    let file = the_file(dir.path(), "threadcreate");
+    assert!(file.to_string_lossy().ends_with(".pprof"));
+    let profile = decode(&std::fs::read(&file).unwrap()).unwrap();
+
+    assert_eq!(cum(&profile, "threadcreate", "::spawn_from_alpha"), ALPHA as i64);
+    assert_eq!(cum(&profile, "threadcreate", "::spawn_from_beta"), BETA as i64);
+    // Alpha's threads still run at the stop; beta's were joined.
+    assert_eq!(cum(&profile, "alive", "::spawn_from_alpha"), ALPHA as i64);
+    assert_eq!(cum(&profile, "alive", "::spawn_from_beta"), 0);
+    // The thread started before the capture is alive, not created.
+    assert_eq!(cum(&profile, "threadcreate", "::spawn_before_capture"), 0);
+    assert_eq!(cum(&profile, "alive", "::spawn_before_capture"), 1);
+    assert_eq!(cum(&profile, "alive", "[main thread]"), 1);
+    // The hook's own frames are not what a stack ends in.
+    let leaf = function_totals(&profile, "threadcreate").unwrap();
+    assert!(leaf.iter().all(|r| r.flat == 0 || !r.function.starts_with("onsite_threads")), "{leaf:?}");
+}
+
+#[test]
+fn the_threads_dump_shows_every_thread_in_its_function() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("dump", dir.path());
+    let file = the_file(dir.path(), "threads");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let section = |name: &str| -> String {
+        let start = text.find(&format!("\"{name}\"")).unwrap_or_else(|| panic!("thread {name} listed:\n{text}"));
+        let rest = &text[start..];
+        rest[..rest.find("\nthread ").unwrap_or(rest.len())].to_owned()
+    };
+    assert!(section("blocked").contains("::wait_for_lock"), "{}", section("blocked"));
+    assert!(section("sleeper").contains("::sleep_a_lot"), "{}", section("sleeper"));
+    assert!(section("spinner").contains("::spin_until_told"), "{}", section("spinner"));
+    assert!(section("sleeper").contains("created by"), "{}", section("sleeper"));
+    let masked = section("masked");
+    assert!(masked.contains("did not answer") && masked.contains("blocks SIGRTMIN+4"), "{masked}");
+    assert!(text.contains("main thread"), "{text}");
+}
+
+#[inline(never)]
+fn spawn_from_alpha(release: &Arc<Mutex<()>>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..ALPHA)
+        .map(|_| {
+            let release = Arc::clone(release);
+            std::thread::spawn(move || drop(release.lock()))
+        })
+        .collect()
+}
+
+#[inline(never)]
+fn spawn_from_beta() {
+    let handles: Vec<_> = (0..BETA).map(|_| std::thread::spawn(|| {})).collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+}
+
+#[inline(never)]
+fn spawn_before_capture(release: &Arc<Mutex<()>>) -> std::thread::JoinHandle<()> {
+    let release = Arc::clone(release);
+    std::thread::spawn(move || drop(release.lock()))
+}
+
+#[inline(never)]
+fn wait_for_lock(lock: &Mutex<()>, ready: mpsc::Sender<()>) {
+    ready.send(()).unwrap();
+    drop(lock.lock());
+}
+
+#[inline(never)]
+fn sleep_a_lot(ready: mpsc::Sender<()>) {
+    ready.send(()).unwrap();
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+#[inline(never)]
+fn spin_until_told(stop: &AtomicBool, ready: mpsc::Sender<()>) {
+    ready.send(()).unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        std::hint::spin_loop();
+    }
+}
+
+#[inline(never)]
+fn sleep_with_signals_blocked(ready: mpsc::Sender<()>) {
+    // SAFETY: blocks every signal in this thread only.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+    ready.send(()).unwrap();
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+fn output(dir: &Path) -> CaptureOutput {
+    CaptureOutput::new(DumpDir::new(dir), CaptureStamp::now())
+}
+
+#[test]
+#[ignore = "child process of the tests above"]
+fn child() {
+    let Ok(role) = std::env::var(ROLE) else { return };
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    assert!(matches!(onsite_threads::hook_status(), onsite_threads::HookStatus::Active { .. }));
+    match role.as_str() {
+        "threadcreate" => {
+            let release = Arc::new(Mutex::new(()));
+            let held = release.lock().unwrap();
+            let early = spawn_before_capture(&release);
+            let mut profiler = onsite_threads::ThreadCreateProfiler::new();
+            let stopper = profiler.start().unwrap();
+            let alpha = spawn_from_alpha(&release);
+            spawn_from_beta();
+            stopper.stop(&output(&dir)).unwrap();
+            drop(held);
+            alpha.into_iter().chain([early]).for_each(|h| h.join().unwrap());
+        }
+        "dump" => {
+            let lock = Arc::new(Mutex::new(()));
+            let held = lock.lock().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (ready, is_ready) = mpsc::channel();
+            let named = |name: &str| std::thread::Builder::new().name(name.into());
+            let lock2 = Arc::clone(&lock);
+            let r = ready.clone();
+            let blocked = named("blocked").spawn(move || wait_for_lock(&lock2, r)).unwrap();
+            let r = ready.clone();
+            named("sleeper").spawn(move || sleep_a_lot(r)).unwrap();
+            let (stop2, r) = (Arc::clone(&stop), ready.clone());
+            let spinner = named("spinner").spawn(move || spin_until_told(&stop2, r)).unwrap();
+            named("masked").spawn(move || sleep_with_signals_blocked(ready)).unwrap();
+            for _ in 0..4 {
+                is_ready.recv().unwrap();
+            }
+            // A capture running at the same time does not get in the way.
+            let mut profiler = onsite_threads::ThreadCreateProfiler::new();
+            let stopper = profiler.start().unwrap();
+            onsite_threads::dump_all_threads(&output(&dir), Duration::from_secs(2)).unwrap();
+            drop(stopper);
+            stop.store(true, Ordering::Relaxed);
+            drop(held);
+            blocked.join().unwrap();
+            spinner.join().unwrap();
+            // The handler is gone again: the signal's default action is back.
+            // SAFETY: reads the current action only.
+            let action = unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(onsite_threads::default_dump_signal(), std::ptr::null(), &mut action);
+                action.sa_sigaction
+            };
+            assert_eq!(action, libc::SIG_DFL);
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// A C-style start routine that ends its thread with `pthread_exit`, which unwinds (forced)
+/// through the hook's trampoline.
+extern "C-unwind" fn exits_with_pthread_exit(_: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: ends this thread; nothing on this frame needs dropping.
+    unsafe { libc::pthread_exit(7 as *mut libc::c_void) }
+}
+
+#[test]
+fn pthread_exit_passes_through_the_hook() {
+    let mut thread: libc::pthread_t = 0;
+    // SAFETY: the start routine has the C signature (it may also unwind, as pthread_exit does);
+    // the thread is joined below.
+    let value = unsafe {
+        let start = std::mem::transmute::<
+            extern "C-unwind" fn(*mut libc::c_void) -> *mut libc::c_void,
+            extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
+        >(exits_with_pthread_exit);
+        assert_eq!(libc::pthread_create(&mut thread, std::ptr::null(), start, std::ptr::null_mut()), 0);
+        let mut value = std::ptr::null_mut();
+        assert_eq!(libc::pthread_join(thread, &mut value), 0);
+        value
+    };
+    assert_eq!(value as usize, 7);
+    assert!(
+        matches!(onsite_threads::hook_status(), onsite_threads::HookStatus::Active { threads_seen } if threads_seen > 0)
+    );
+}

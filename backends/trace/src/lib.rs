@@ -1,0 +1,376 @@
+//! onsite-trace: a `tracing` layer that records the service's spans and events as a Chrome
+//! Trace Event file (Perfetto, `chrome://tracing`) while an onsite capture runs.
+//!
+//! A service adds [`layer()`] to its subscriber once, at start-up:
+//!
+//! ```no_run
+//! use tracing_subscriber::prelude::*;
+//! tracing_subscriber::registry()
+//!     .with(onsite_trace::layer())
+//!     .with(tracing_subscriber::fmt::layer())
+//!     .init();
+//! ```
+//!
+//! How it works, and why this way:
+//! - tracing-chrome keeps a per-thread cached sender, so a process can have only one
+//!   `ChromeLayer` that ever sees events: it is built once (lazily, at the first capture, so a
+//!   service that never captures has no writer thread) and kept for the life of the process.
+//! - It is switched on and off by one atomic flag checked before every callback, rather than
+//!   `reload::Layer<Option<ChromeLayer>>`: off costs one relaxed load per callback instead of a
+//!   `RwLock` read, and the layer may be wrapped in a per-layer filter
+//!   (`layer().with_filter(LevelFilter::INFO)`), which a reloaded layer may not (tracing#1629).
+//! - Each capture's trace goes to a private, already-unlinked temporary file (tracing-chrome's
+//!   writer thread writes it; `FlushGuard::start_new` ends one file and begins the next); at the
+//!   stop it is copied through [`CaptureOutput::write`], so the dump appears all or nothing.
+//! - An exit is recorded only when its enter was recorded in the same capture, so a file never
+//!   holds an `E` without its `B`. A span still open at the stop keeps its `B` alone, which
+//!   Perfetto shows as "did not end"; the file is valid JSON either way.
+//! - The writer thread is joined when the last [`TraceProfiler`] is dropped (onsite's shutdown).
+//!   After that no capture can start in this process: a new `ChromeLayer` would miss every thread
+//!   that already cached the old sender.
+
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Profiler, Stopper};
+use tracing::span;
+use tracing::{Event, Subscriber};
+use tracing_chrome::{ChromeLayer, ChromeLayerBuilder, FlushGuard};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+/// How a service adds the layer, quoted in the error when it has not.
+const HOW_TO_ADD: &str = "add `onsite::trace::layer()` to the tracing subscriber once at start-up, e.g. \
+     `tracing_subscriber::registry().with(onsite::trace::layer()).with(tracing_subscriber::fmt::layer()).init()`";
+
+/// Whether the layer forwards to tracing-chrome: true only while a capture runs.
+static RECORDING: AtomicBool = AtomicBool::new(false);
+/// Bumped at every capture start; an exit is recorded only if its enter carries this number.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// How many [`TraceProfiler`]s exist; the last one to go joins the writer thread.
+static PROFILERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Builds the one `ChromeLayer` inside the installed layer and returns its guard; `None` when that
+/// layer (and so its subscriber) has been dropped.
+type BuildChrome = Box<dyn Fn(CaptureFile) -> Option<FlushGuard> + Send>;
+
+/// Process-wide state of the trace backend, behind one mutex taken only by start/stop/shutdown
+/// (never by the tracing callbacks).
+struct Shared {
+    /// Set when a layer was added to a subscriber.
+    build: Option<BuildChrome>,
+    /// The writer thread's guard, once the `ChromeLayer` was built.
+    guard: Option<FlushGuard>,
+    /// The writer thread was joined; no capture can start any more.
+    shut_down: bool,
+    /// A capture is running; the receiver gets its temporary file when tracing-chrome lets go.
+    running: Option<Receiver<CaptureResult>>,
+}
+
+fn shared() -> MutexGuard<'static, Shared> {
+    static SHARED: Mutex<Shared> = Mutex::new(Shared { build: None, guard: None, shut_down: false, running: None });
+    SHARED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The layer a service adds to its `tracing` subscriber (see the crate docs). Add it once per
+/// process: if several are added, only one ever records (the last one added before the first
+/// capture), because a process can have only one tracing-chrome layer.
+pub fn layer<S>() -> TraceLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    TraceLayer { chrome: Arc::new(OnceLock::new()), _subscriber: PhantomData }
+}
+
+/// The layer returned by [`layer()`]: forwards to one `tracing_chrome::ChromeLayer` while a trace
+/// capture runs, and does nothing but one atomic load per callback otherwise.
+pub struct TraceLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    chrome: Arc<OnceLock<ChromeLayer<S>>>,
+    _subscriber: PhantomData<fn(S)>,
+}
+
+impl<S> std::fmt::Debug for TraceLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceLayer").field("built", &self.chrome.get().is_some()).finish()
+    }
+}
+
+/// Which capture a span's enters were recorded in, and how many are not yet exited.
+struct Entered {
+    generation: u64,
+    depth: u32,
+}
+
+impl<S> TraceLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    #[inline(always)]
+    fn recording(&self) -> Option<&ChromeLayer<S>> {
+        if !RECORDING.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.chrome.get()
+    }
+}
+
+impl<S> Layer<S> for TraceLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    fn on_layer(&mut self, _subscriber: &mut S) {
+        let mut shared = shared();
+        let weak: Weak<OnceLock<ChromeLayer<S>>> = Arc::downgrade(&self.chrome);
+        if shared.guard.is_some() || shared.shut_down {
+            // The process already has its one ChromeLayer (in an earlier subscriber): this layer
+            // stays off, and `start` explains why if that earlier one is gone.
+            return;
+        }
+        shared.build = Some(Box::new(move |file| {
+            let cell = weak.upgrade()?;
+            let (chrome, guard) = ChromeLayerBuilder::new().writer(file).include_args(true).build();
+            // The cell is only ever set here, under the shared lock, once.
+            let _ = cell.set(chrome);
+            Some(guard)
+        }));
+    }
+
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        if let Some(chrome) = self.recording() {
+            chrome.on_new_span(attrs, id, ctx);
+        }
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        if let Some(chrome) = self.recording() {
+            chrome.on_record(id, values, ctx);
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        if let Some(chrome) = self.recording() {
+            chrome.on_event(event, ctx);
+        }
+    }
+
+    fn on_enter(&self, id: &span::Id, ctx: Context<'_, S>) {
+        let Some(chrome) = self.recording() else { return };
+        let Some(span) = ctx.span(id) else { return };
+        let generation = GENERATION.load(Ordering::Relaxed);
+        {
+            let mut extensions = span.extensions_mut();
+            match extensions.get_mut::<Entered>() {
+                Some(entered) if entered.generation == generation => entered.depth += 1,
+                Some(entered) => *entered = Entered { generation, depth: 1 },
+                None => extensions.insert(Entered { generation, depth: 1 }),
+            }
+        }
+        drop(span);
+        chrome.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &span::Id, ctx: Context<'_, S>) {
+        let Some(chrome) = self.recording() else { return };
+        let Some(span) = ctx.span(id) else { return };
+        let generation = GENERATION.load(Ordering::Relaxed);
+        let entered_in_this_capture = match span.extensions_mut().get_mut::<Entered>() {
+            Some(entered) if entered.generation == generation && entered.depth > 0 => {
+                entered.depth -= 1;
+                true
+            }
+            _ => false,
+        };
+        drop(span);
+        if entered_in_this_capture {
+            chrome.on_exit(id, ctx);
+        }
+    }
+}
+
+type CaptureResult = Result<File, io::Error>;
+
+/// Where tracing-chrome's writer thread writes one capture: a private unlinked temporary file.
+/// It never reports an error to that thread (which would panic on one); the first error is kept
+/// and reported by the stop. Dropping it (tracing-chrome does when it starts the next file) hands
+/// the file to the stopper.
+struct CaptureFile {
+    file: Option<File>,
+    error: Option<io::Error>,
+    done: Option<SyncSender<CaptureResult>>,
+}
+
+impl CaptureFile {
+    fn new() -> io::Result<(CaptureFile, Receiver<CaptureResult>)> {
+        let (done, receiver) = sync_channel(1);
+        let file = tempfile::tempfile()?;
+        Ok((CaptureFile { file: Some(file), error: None, done: Some(done) }, receiver))
+    }
+
+    /// A file for the time between captures: writes go nowhere.
+    fn idle() -> CaptureFile {
+        CaptureFile { file: None, error: None, done: None }
+    }
+}
+
+impl Write for CaptureFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let (Some(file), None) = (&mut self.file, &self.error)
+            && let Err(e) = file.write_all(buf)
+        {
+            self.error = Some(e);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for CaptureFile {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let result = match (self.file.take(), self.error.take()) {
+                (_, Some(e)) => Err(e),
+                (Some(file), None) => Ok(file),
+                (None, None) => Err(io::Error::other("no file")),
+            };
+            let _ = done.try_send(result);
+        }
+    }
+}
+
+/// How long a stop waits for tracing-chrome's writer thread to finish the file (it may have a
+/// backlog of events queued from a busy capture).
+const FINISH_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The trace backend's [`Profiler`]: `…-trace-….json`. Dropping the last one (onsite's shutdown)
+/// joins tracing-chrome's writer thread.
+#[derive(Debug)]
+pub struct TraceProfiler {
+    _private: (),
+}
+
+impl TraceProfiler {
+    /// A profiler for the layer this process added with [`layer()`].
+    pub fn new() -> Self {
+        PROFILERS.fetch_add(1, Ordering::SeqCst);
+        TraceProfiler { _private: () }
+    }
+}
+
+impl Default for TraceProfiler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TraceProfiler {
+    fn drop(&mut self) {
+        if PROFILERS.fetch_sub(1, Ordering::SeqCst) == 1 {
+            shutdown();
+        }
+    }
+}
+
+/// Stops recording and joins tracing-chrome's writer thread, if one was started. Called when the
+/// last [`TraceProfiler`] is dropped; after it, trace captures fail with an error saying why.
+pub fn shutdown() {
+    let mut shared = shared();
+    RECORDING.store(false, Ordering::SeqCst);
+    shared.running = None;
+    if let Some(guard) = shared.guard.take() {
+        shared.shut_down = true;
+        shared.build = None;
+        // Joins the writer thread (it finishes the idle or abandoned file first).
+        drop(guard);
+    }
+}
+
+impl Profiler for TraceProfiler {
+    fn kind(&self) -> ProfileKind {
+        ProfileKind::Trace
+    }
+
+    fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
+        let err = |m: String| CaptureError::new(ProfileKind::Trace, m);
+        let mut shared = shared();
+        if shared.shut_down {
+            return Err(err("onsite's trace writer was shut down in this process; a process has one \
+                 tracing-chrome layer, so trace capture cannot restart"
+                .into()));
+        }
+        if shared.running.is_some() {
+            return Err(err("a trace capture is already running".into()));
+        }
+        let (file, receiver) =
+            CaptureFile::new().map_err(|e| err(format!("could not create a temporary file for the trace: {e}")))?;
+        match &shared.guard {
+            Some(guard) => guard.start_new(Some(Box::new(file))),
+            None => {
+                let Some(build) = &shared.build else {
+                    return Err(err(format!(
+                        "the service's tracing subscriber has no onsite trace layer: {HOW_TO_ADD}"
+                    )));
+                };
+                match build(file) {
+                    Some(guard) => shared.guard = Some(guard),
+                    None => {
+                        shared.build = None;
+                        return Err(err(format!(
+                            "the onsite trace layer was dropped with its tracing subscriber: {HOW_TO_ADD}"
+                        )));
+                    }
+                }
+            }
+        }
+        shared.running = Some(receiver);
+        GENERATION.fetch_add(1, Ordering::SeqCst);
+        RECORDING.store(true, Ordering::SeqCst);
+        Ok(Box::new(TraceStopper { started: Instant::now() }))
+    }
+}
+
+struct TraceStopper {
+    started: Instant,
+}
+
+impl Stopper for TraceStopper {
+    fn stop(self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError> {
+        let err = |m: String| CaptureError::new(ProfileKind::Trace, m);
+        let receiver = {
+            let mut shared = shared();
+            RECORDING.store(false, Ordering::SeqCst);
+            let receiver = shared.running.take().ok_or_else(|| err("onsite's trace writer was shut down".into()))?;
+            let Some(guard) = &shared.guard else { return Err(err("onsite's trace writer was shut down".into())) };
+            // Ends the capture's file ("]") and hands it back by dropping our writer.
+            guard.start_new(Some(Box::new(CaptureFile::idle())));
+            receiver
+        };
+        let mut file = match receiver.recv_timeout(FINISH_DEADLINE) {
+            Ok(Ok(file)) => file,
+            Ok(Err(e)) => return Err(err(format!("writing the trace to a temporary file failed: {e}"))),
+            Err(_) => {
+                return Err(err(format!(
+                    "tracing-chrome's writer did not finish the trace within {FINISH_DEADLINE:?}; it was dropped"
+                )));
+            }
+        };
+        file.rewind().map_err(|e| err(format!("reading back the temporary trace file: {e}")))?;
+        let written = out.write(ProfileKind::Trace, "json", |w| io::copy(&mut file, w).map(drop))?;
+        tracing::debug!(seconds = self.started.elapsed().as_secs_f64(), bytes = written.bytes, "onsite: trace capture");
+        Ok(())
+    }
+}

@@ -1,0 +1,173 @@
+//! Trace captures in real child processes (each needs its own process: a process has one
+//! tracing-chrome layer), read back with a real JSON parser.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler};
+use serde_json::Value;
+use tracing_subscriber::prelude::*;
+
+const ROLE: &str = "ONSITE_TRACE_TEST_ROLE";
+const DIR: &str = "ONSITE_TRACE_TEST_DIR";
+
+/// Runs this test binary's `child` test with `role`, and fails (killing it) after a deadline.
+fn run_child(child: &str, role: &str, dir: &Path) -> String {
+    let mut process = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(DIR, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if process.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            process.kill().unwrap();
+            let _ = process.wait();
+            panic!("child {role} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = process.wait_with_output().unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "child {role} failed: {text}");
+    text
+}
+
+fn trace_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains("-trace-"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Counts of `B` and `E` events by span name, and the names of instant events, checking that
+/// every `E` closes a `B` of the same name on the same thread.
+fn balanced_spans(events: &[Value]) -> (HashMap<String, usize>, Vec<String>) {
+    let mut open: HashMap<u64, Vec<String>> = HashMap::new();
+    let mut closed: HashMap<String, usize> = HashMap::new();
+    let mut instants = Vec::new();
+    for e in events {
+        let name = e["name"].as_str().unwrap_or_default().to_owned();
+        let tid = e["tid"].as_u64().unwrap_or(u64::MAX);
+        match e["ph"].as_str().unwrap() {
+            "B" => open.entry(tid).or_default().push(name),
+            "E" => {
+                let top = open.get_mut(&tid).and_then(Vec::pop);
+                assert_eq!(top.as_deref(), Some(name.as_str()), "E without its B: {e}");
+                *closed.entry(name).or_default() += 1;
+            }
+            "i" => instants.push(name),
+            "M" => {}
+            other => panic!("unexpected phase {other}: {e}"),
+        }
+    }
+    let still_open: Vec<&String> = open.values().flatten().collect();
+    assert!(still_open.iter().all(|n| *n == "still_open"), "unexpected open spans: {still_open:?}");
+    (closed, instants)
+}
+
+#[test]
+fn two_captures_in_a_row_hold_balanced_named_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("child", "two_captures", dir.path());
+    let files = trace_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+
+    let first: Vec<Value> = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).expect("first file is JSON");
+    let (closed, instants) = balanced_spans(&first);
+    assert_eq!(closed.get("request"), Some(&3), "{closed:?}");
+    assert_eq!(closed.get("parse"), Some(&3), "{closed:?}");
+    assert_eq!(closed.get("worker_job"), Some(&2), "{closed:?}");
+    assert!(!closed.contains_key("before_capture"), "a span entered before the capture has no E: {closed:?}");
+    assert!(instants.iter().any(|n| n.contains("trace_capture.rs")), "the event is there: {instants:?}");
+    assert!(first.iter().any(|e| e["ph"] == "B" && e["name"] == "still_open"), "the open span's B is kept");
+
+    let second: Vec<Value> = serde_json::from_slice(&std::fs::read(&files[1]).unwrap()).expect("second file is JSON");
+    let (closed, _) = balanced_spans(&second);
+    assert_eq!(closed.get("second_capture"), Some(&2), "{closed:?}");
+    assert!(!closed.contains_key("request"), "nothing of the first capture: {closed:?}");
+    assert!(!closed.contains_key("still_open"), "its B was in the first file: {closed:?}");
+}
+
+#[test]
+fn without_the_layer_a_capture_fails_saying_how_to_add_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_child("child", "no_layer", dir.path());
+    assert!(out.contains("onsite::trace::layer()"), "{out}");
+    assert!(trace_files(dir.path()).is_empty());
+}
+
+fn threads_of_this_process() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+fn capture(profiler: &mut dyn Profiler, dir: &Path, work: impl FnOnce()) {
+    let stopper = profiler.start().unwrap();
+    work();
+    // Two captures in one millisecond would share a name.
+    std::thread::sleep(Duration::from_millis(2));
+    let out = CaptureOutput::new(DumpDir::new(dir), CaptureStamp::now());
+    stopper.stop(&out).unwrap();
+}
+
+#[test]
+#[ignore = "child process of the tests above"]
+fn child() {
+    let Ok(role) = std::env::var(ROLE) else { return };
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    match role.as_str() {
+        "two_captures" => {
+            tracing_subscriber::registry().with(onsite_trace::layer()).init();
+            let threads_before = threads_of_this_process();
+            let mut profiler = onsite_trace::TraceProfiler::new();
+
+            let before = tracing::info_span!("before_capture").entered();
+            let mut still_open = None;
+            capture(&mut profiler, &dir, || {
+                drop(before);
+                for i in 0..3 {
+                    let _request = tracing::info_span!("request", i).entered();
+                    let _parse = tracing::debug_span!("parse").entered();
+                    tracing::info!(i, "parsed");
+                }
+                std::thread::spawn(|| {
+                    for _ in 0..2 {
+                        let _job = tracing::info_span!("worker_job").entered();
+                    }
+                })
+                .join()
+                .unwrap();
+                still_open = Some(tracing::info_span!("still_open").entered());
+            });
+            capture(&mut profiler, &dir, || {
+                drop(still_open);
+                for _ in 0..2 {
+                    let _s = tracing::info_span!("second_capture").entered();
+                }
+            });
+
+            drop(profiler);
+            assert_eq!(threads_of_this_process(), threads_before, "the writer thread was joined");
+        }
+        "no_layer" => {
+            tracing_subscriber::registry().init();
+            let mut profiler = onsite_trace::TraceProfiler::new();
+            let err = profiler.start().err().expect("start fails without the layer");
+            // The parent reads the message from this output.
+            let message = err.to_string();
+            std::io::Write::write_all(&mut std::io::stdout(), message.as_bytes()).unwrap();
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
