@@ -321,8 +321,10 @@ pub(crate) fn is_own_frame(function: &str) -> bool {
         "parking_lot::",
         "parking_lot_core::",
         "backtrace::",
-        "core::ptr::drop_in_place<lock_api::",
-        "core::mem::drop<lock_api::",
+        // Drop plumbing between the service's `drop(guard)` and the unlock; symbols carry
+        // their generic arguments only with v0 mangling, so match the bare paths too.
+        "core::ptr::drop_in_place",
+        "core::mem::drop",
     ]
     .iter()
     .any(|prefix| name.starts_with(prefix))
