@@ -66,7 +66,12 @@ fn main() {
     let log_filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::registry()
         .with(onsite::trace::layer())
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(log_filter))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(log_filter),
+        )
         .init();
     match Cli::parse().command {
         Cmd::Serve { addr, workers } => serve(addr, workers),

@@ -1,15 +1,23 @@
 //! The control thread: the only place a capture starts or stops. Signal handlers and API calls
 //! just wake it (see `wake.rs`); it does the slow work (stopping backends, symbolising,
 //! writing files) on an ordinary thread, where allocating and locking are safe.
+//!
+//! With automatic rules it also wakes once per interval to sample metrics (see `auto`); with
+//! none it sleeps until an event, as before. One capture runs at a time, whoever started it:
+//! a rule never interrupts a manual capture, and a SIGUSR2 during an automatic one stops it.
+//! Every capture ends with its manifest and a retention pass over the dump directory.
 
 use std::io::{ErrorKind, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler, Stopper, WrittenFile};
 
+use crate::auto::watch::{Firing, Watch};
+use crate::manifest::{self, Trigger};
+use crate::retention;
 use crate::wake::{self, TERMINATION, THREAD_DUMPS, TOGGLES, TerminationGuard};
 
 /// Why a capture started or stopped, as logged.
@@ -18,6 +26,7 @@ pub(crate) enum Cause {
     Signal,
     Api,
     MaxDuration,
+    RuleDuration,
     Termination(libc::c_int),
     Shutdown,
 }
@@ -28,6 +37,7 @@ impl std::fmt::Display for Cause {
             Cause::Signal => f.write_str("SIGUSR2"),
             Cause::Api => f.write_str("API call"),
             Cause::MaxDuration => f.write_str("maximum duration reached"),
+            Cause::RuleDuration => f.write_str("the rule's capture duration elapsed"),
             Cause::Termination(libc::SIGINT) => f.write_str("SIGINT"),
             Cause::Termination(_) => f.write_str("SIGTERM"),
             Cause::Shutdown => f.write_str("onsite shutting down"),
@@ -45,18 +55,35 @@ pub(crate) enum Command {
 struct Capture {
     output: CaptureOutput,
     stoppers: Vec<(ProfileKind, Box<dyn Stopper>)>,
+    trigger: Trigger,
+    kinds: Vec<ProfileKind>,
+    failures: Vec<(ProfileKind, String)>,
     started: Instant,
+    started_wall: SystemTime,
     deadline: Instant,
+    /// Whether the deadline is the rule's capture duration rather than the maximum.
+    rule_deadline: bool,
     termination_guard: TerminationGuard,
 }
 
-pub(crate) struct Controller {
+/// What the control thread is given at install.
+pub(crate) struct Setup {
     pub(crate) dir: DumpDir,
+    /// Every compiled-in profiler; each capture starts the ones of its kinds.
     pub(crate) profilers: Vec<Box<dyn Profiler>>,
+    /// The kinds a manual capture (and a rule without `kinds=`) contains.
+    pub(crate) kinds: Vec<ProfileKind>,
     pub(crate) max_duration: Duration,
     pub(crate) backends: crate::backends::Settings,
-    pub(crate) commands: mpsc::Receiver<Command>,
-    pub(crate) wake_reader: std::os::unix::net::UnixStream,
+    /// The automatic rules; `None` when there are none (then nothing wakes periodically).
+    pub(crate) watch: Option<Watch>,
+    pub(crate) retention: retention::Settings,
+}
+
+pub(crate) struct Controller {
+    setup: Setup,
+    commands: mpsc::Receiver<Command>,
+    wake_reader: std::os::unix::net::UnixStream,
     capture: Option<Capture>,
 }
 
@@ -65,21 +92,28 @@ const IDLE_WAIT: Duration = Duration::from_secs(3600);
 
 impl Controller {
     pub(crate) fn new(
-        dir: DumpDir,
-        profilers: Vec<Box<dyn Profiler>>,
-        max_duration: Duration,
-        backends: crate::backends::Settings,
+        setup: Setup,
         commands: mpsc::Receiver<Command>,
         wake_reader: std::os::unix::net::UnixStream,
     ) -> Self {
-        Controller { dir, profilers, max_duration, backends, commands, wake_reader, capture: None }
+        Controller { setup, commands, wake_reader, capture: None }
     }
 
     pub(crate) fn run(mut self) {
+        // SAFETY: gettid has no preconditions. (The id lets an operator or a test find this
+        // thread in /proc even where thread names are not kept.)
+        tracing::debug!(tid = unsafe { libc::gettid() }, "onsite: control thread running");
+        // Dumps of earlier runs count against the limits too; a restart is when they pile up.
+        retention::enforce(&self.setup.dir, self.setup.retention, None);
         loop {
             let now = Instant::now();
-            let wait = self.capture.as_ref().map_or(IDLE_WAIT, |c| c.deadline.saturating_duration_since(now));
-            self.sleep(wait);
+            let deadline = self.capture.as_ref().map(|c| c.deadline);
+            let next_sample = self.setup.watch.as_ref().map(Watch::next_due);
+            let wake_at = match (deadline, next_sample) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            self.sleep(wake_at.map_or(IDLE_WAIT, |at| at.saturating_duration_since(now)));
 
             if let sig @ 1.. = TERMINATION.swap(0, Ordering::AcqRel) {
                 self.on_termination(sig);
@@ -93,7 +127,7 @@ impl Controller {
             while let Ok(command) = self.commands.try_recv() {
                 match command {
                     Command::Start { reply } => {
-                        let _ = reply.send(self.start(Cause::Api));
+                        let _ = reply.send(self.start(Trigger::Api));
                     }
                     Command::Stop { reply } => {
                         let _ = reply.send(self.stop(Cause::Api));
@@ -104,8 +138,14 @@ impl Controller {
                     }
                 }
             }
-            if self.capture.as_ref().is_some_and(|c| Instant::now() >= c.deadline) {
-                self.stop(Cause::MaxDuration);
+            if let Some(capture) = self.capture.as_ref()
+                && Instant::now() >= capture.deadline
+            {
+                self.stop(if capture.rule_deadline { Cause::RuleDuration } else { Cause::MaxDuration });
+            }
+            let running = self.capture.is_some();
+            if let Some(firing) = self.setup.watch.as_mut().and_then(|w| w.tick(Instant::now(), running)) {
+                self.start_for_rule(firing);
             }
         }
     }
@@ -133,45 +173,82 @@ impl Controller {
         if self.capture.is_some() {
             self.stop(Cause::Signal);
         } else {
-            self.start(Cause::Signal);
+            self.start(Trigger::Signal);
         }
     }
 
-    /// Starts a capture of every enabled kind; `false` (and nothing changes) if one runs.
-    fn start(&mut self, cause: Cause) -> bool {
+    /// Starts a capture for a rule that fired (the watch only fires when none is running).
+    fn start_for_rule(&mut self, firing: Firing) {
+        tracing::info!(rule = %firing.text, reason = %firing.reason, "onsite: automatic capture rule fired");
+        let rule = firing.rule;
+        if !self.start(Trigger::Rule(Box::new(firing))) {
+            // Cannot happen (the watch saw no capture running), but a rule must never be left
+            // believing its capture runs: start its cooldown.
+            if let Some(watch) = self.setup.watch.as_mut() {
+                watch.capture_ended(rule, Instant::now());
+            }
+        }
+    }
+
+    /// Starts a capture; `false` (and nothing changes) if one runs. A rule's capture contains
+    /// the rule's kinds and lasts the rule's duration; any other the configured kinds, up to
+    /// the maximum duration.
+    fn start(&mut self, trigger: Trigger) -> bool {
         if self.capture.is_some() {
-            tracing::info!(%cause, "onsite: a capture is already running; nothing changed");
+            tracing::info!(cause = %trigger, "onsite: a capture is already running; nothing changed");
             return false;
         }
-        if let Err(e) = self.dir.ensure_exists() {
-            tracing::error!(dir = %self.dir.dir().display(), error = %e, "onsite: cannot create the dump directory; files of this capture will fail to write");
+        let dir = &self.setup.dir;
+        if let Err(e) = dir.ensure_exists() {
+            tracing::error!(dir = %dir.dir().display(), error = %e, "onsite: cannot create the dump directory; files of this capture will fail to write");
         }
-        let output = CaptureOutput::new(self.dir.clone(), CaptureStamp::now());
+        let (wanted, length, rule_deadline) = match &trigger {
+            Trigger::Rule(f) => (
+                f.kinds.clone().unwrap_or_else(|| self.setup.kinds.clone()),
+                f.capture.min(self.setup.max_duration),
+                f.capture < self.setup.max_duration,
+            ),
+            Trigger::Signal | Trigger::Api => (self.setup.kinds.clone(), self.setup.max_duration, false),
+        };
+        let output = CaptureOutput::new(dir.clone(), CaptureStamp::now());
+        let started_wall = SystemTime::now();
         let mut stoppers = Vec::new();
-        for profiler in &mut self.profilers {
+        let mut failures = Vec::new();
+        for profiler in self.setup.profilers.iter_mut().filter(|p| wanted.contains(&p.kind())) {
             let kind = profiler.kind();
             match catch_unwind(AssertUnwindSafe(|| profiler.start())) {
                 Ok(Ok(stopper)) => stoppers.push((kind, stopper)),
                 Ok(Err(e)) => {
-                    tracing::error!(%kind, error = %e.message, "onsite: could not start this kind; the others carry on")
+                    tracing::error!(%kind, error = %e.message, "onsite: could not start this kind; the others carry on");
+                    failures.push((kind, format!("could not start: {}", e.message)));
                 }
-                Err(_) => tracing::error!(%kind, "onsite: this kind panicked while starting; the others carry on"),
+                Err(_) => {
+                    tracing::error!(%kind, "onsite: this kind panicked while starting; the others carry on");
+                    failures.push((kind, "panicked while starting".to_owned()));
+                }
             }
         }
-        let kinds: Vec<&str> = stoppers.iter().map(|(k, _)| k.as_str()).collect();
+        let kinds: Vec<ProfileKind> =
+            self.setup.profilers.iter().map(|p| p.kind()).filter(|k| wanted.contains(k)).collect();
+        let started: Vec<&str> = stoppers.iter().map(|(k, _)| k.as_str()).collect();
         tracing::info!(
-            %cause,
-            kinds = %kinds.join(","),
-            dir = %self.dir.dir().display(),
-            stops_after = ?self.max_duration,
-            "onsite: capture started; send SIGUSR2 to pid {} again to stop it", self.dir.pid()
+            cause = %trigger,
+            kinds = %started.join(","),
+            dir = %dir.dir().display(),
+            stops_after = ?length,
+            "onsite: capture started; send SIGUSR2 to pid {} to stop it now", dir.pid()
         );
         let now = Instant::now();
         self.capture = Some(Capture {
             output,
             stoppers,
+            trigger,
+            kinds,
+            failures,
             started: now,
-            deadline: now + self.max_duration,
+            started_wall,
+            deadline: now + length,
+            rule_deadline,
             termination_guard: TerminationGuard::arm(),
         });
         true
@@ -185,32 +262,53 @@ impl Controller {
             }
             return Vec::new();
         };
-        let mut failed = 0;
+        let mut failures = capture.failures;
         // Stop in the reverse order of starting, so the memory capture (started last) stops
         // first and sees none of the other kinds' stop work (symbolising, pprof-rs's reset).
         for (kind, stopper) in capture.stoppers.into_iter().rev() {
             match catch_unwind(AssertUnwindSafe(|| stopper.stop(&capture.output))) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    failed += 1;
                     tracing::error!(%kind, error = %e.message, "onsite: could not finish this kind");
+                    failures.push((kind, e.message));
                 }
                 Err(_) => {
-                    failed += 1;
                     tracing::error!(%kind, "onsite: this kind panicked while stopping");
+                    failures.push((kind, "panicked while stopping".to_owned()));
                 }
             }
         }
+        let profiles = capture.output.written();
+        let record = manifest::Record {
+            trigger: &capture.trigger,
+            stopped_by: cause.to_string(),
+            started: capture.started_wall,
+            stopped: SystemTime::now(),
+            kinds: &capture.kinds,
+            files: &profiles,
+            failures: &failures,
+        };
+        if let Err(e) = manifest::write(&capture.output, &record) {
+            tracing::error!(error = %e.message, "onsite: could not write the capture's manifest");
+        }
+        // Disarmed only now: a SIGINT that arrives while the files are written waits for them.
         capture.termination_guard.disarm();
         let written: Vec<WrittenFile> = capture.output.written().into_iter().map(|(_, f)| f).collect();
         tracing::info!(
             %cause,
+            started_by = %capture.trigger,
             duration = ?capture.started.elapsed(),
             files = written.len(),
-            failed_kinds = failed,
-            dir = %self.dir.dir().display(),
+            failed_kinds = failures.len(),
+            dir = %self.setup.dir.dir().display(),
             "onsite: capture stopped"
         );
+        if let Trigger::Rule(firing) = &capture.trigger
+            && let Some(watch) = self.setup.watch.as_mut()
+        {
+            watch.capture_ended(firing.rule, Instant::now());
+        }
+        retention::enforce(&self.setup.dir, self.setup.retention, Some(capture.output.stamp().as_str()));
         written
     }
 
@@ -228,19 +326,21 @@ impl Controller {
 
     #[cfg(feature = "threads")]
     fn dump_threads(&mut self) {
-        if let Err(e) = self.dir.ensure_exists() {
-            tracing::error!(dir = %self.dir.dir().display(), error = %e, "onsite: cannot create the dump directory");
+        let dir = &self.setup.dir;
+        if let Err(e) = dir.ensure_exists() {
+            tracing::error!(dir = %dir.dir().display(), error = %e, "onsite: cannot create the dump directory");
         }
-        let output = CaptureOutput::new(self.dir.clone(), CaptureStamp::now());
-        match catch_unwind(AssertUnwindSafe(|| self.backends.threads.dump_threads(&output))) {
+        let output = CaptureOutput::new(dir.clone(), CaptureStamp::now());
+        match catch_unwind(AssertUnwindSafe(|| self.setup.backends.threads.dump_threads(&output))) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e.message, "onsite: thread dump failed"),
             Err(_) => tracing::error!("onsite: thread dump panicked"),
         }
+        retention::enforce(dir, self.setup.retention, Some(output.stamp().as_str()));
     }
 
     #[cfg(not(feature = "threads"))]
     fn dump_threads(&mut self) {
-        let _ = &self.backends;
+        let _ = &self.setup.backends;
     }
 }

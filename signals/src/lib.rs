@@ -20,12 +20,22 @@
 //! allocator ([`memory::Allocator`]), the lock profiles onsite's lock types ([`sync`]), the
 //! trace its `tracing` layer ([`trace`]).
 //!
+//! onsite can also start captures by itself when the process is in trouble: rules such as
+//! `ONSITE_AUTO="mem>80%for3m; cpu>90%for1m"` (or [`Builder::auto`]) are checked every
+//! interval against the process's CPU, memory and thread count, cgroup limits included (see
+//! [`auto`] and the crate README for the grammar). Every capture, manual or automatic, ends
+//! with a `…-manifest-….json` saying why it started and what it wrote, and the dump directory
+//! is kept within [`Builder::retain_captures`] and [`Builder::retain_bytes`].
+//!
 //! Keep the returned [`Onsite`] alive: dropping it stops any running capture (writing its
 //! files), unregisters the signal handlers and joins the control thread.
 
+pub mod auto;
 mod backends;
 mod control;
 mod env;
+mod manifest;
+mod retention;
 mod wake;
 
 use std::fmt;
@@ -48,6 +58,8 @@ pub use onsite_threads as threads;
 #[cfg(feature = "trace")]
 pub use onsite_trace as trace;
 
+pub use retention::{DEFAULT_MAX_BYTES, DEFAULT_MAX_CAPTURES};
+
 use control::{Command, Controller};
 use onsite_core::DumpDir;
 
@@ -60,6 +72,16 @@ pub mod vars {
     pub const KINDS: &str = "ONSITE_KINDS";
     /// How long a capture may run before it stops by itself, e.g. `10m`, `90s`.
     pub const MAX_DURATION: &str = "ONSITE_MAX_DURATION";
+    /// Automatic capture rules, e.g. `mem>80%for3m; cpu>90%for1m` (grammar in the crate
+    /// README); `off` turns off rules set by the builder.
+    pub const AUTO: &str = "ONSITE_AUTO";
+    /// How often the rules' metrics are sampled, e.g. `5s` (the default), `500ms`.
+    pub const AUTO_INTERVAL: &str = "ONSITE_AUTO_INTERVAL";
+    /// At most this many captures are kept in the dump directory (default 50), or `unlimited`.
+    pub const RETAIN_CAPTURES: &str = "ONSITE_RETAIN_CAPTURES";
+    /// At most this many bytes of onsite's files are kept, e.g. `256MiB` (the default), `1GB`,
+    /// or `unlimited`.
+    pub const RETAIN_BYTES: &str = "ONSITE_RETAIN_BYTES";
 }
 
 /// The default limit on a capture's length, so a forgotten toggle cannot run forever.
@@ -77,6 +99,8 @@ pub struct Builder {
     kinds: Option<Vec<ProfileKind>>,
     max_duration: Duration,
     pub(crate) backends: backends::Settings,
+    pub(crate) auto: auto::Settings,
+    pub(crate) retention: retention::Settings,
 }
 
 impl Default for Builder {
@@ -88,7 +112,14 @@ impl Default for Builder {
 impl Builder {
     /// The defaults: every compiled-in kind, the system temp dir, a 10 minute limit.
     pub fn new() -> Self {
-        Builder { dir: None, kinds: None, max_duration: DEFAULT_MAX_DURATION, backends: Default::default() }
+        Builder {
+            dir: None,
+            kinds: None,
+            max_duration: DEFAULT_MAX_DURATION,
+            backends: Default::default(),
+            auto: Default::default(),
+            retention: Default::default(),
+        }
     }
 
     /// Where dump files go (`ONSITE_DIR` still wins).
@@ -148,30 +179,50 @@ impl Builder {
         if self.max_duration.is_zero() {
             return Err(ConfigError::new(vars::MAX_DURATION, "0s", "a capture must be allowed to run"));
         }
+        self.auto.apply_env()?;
+        self.retention.apply_env()?;
         self.backends.apply_env()
     }
 
     fn spawn(self, dir: DumpDir) -> Result<Onsite, InstallError> {
+        let profilers = self.backends.profilers();
+        let compiled: Vec<ProfileKind> = profilers.iter().map(|p| p.kind()).collect();
+        let rules = self.auto.rules(&compiled)?;
         if let Err(e) = dir.ensure_exists() {
             // Not fatal: the directory may appear later (a volume mounted after start-up), and
             // each capture reports its own write errors.
             tracing::warn!(dir = %dir.dir().display(), error = %e, "onsite: cannot create the dump directory yet");
         }
-        let profilers: Vec<_> = self
-            .backends
-            .profilers()
-            .into_iter()
-            .filter(|p| self.kinds.as_ref().is_none_or(|kinds| kinds.contains(&p.kind())))
-            .collect();
-        let kinds: Vec<&str> = profilers.iter().map(|p| p.kind().as_str()).collect();
-        let kinds = kinds.join(",");
+        let kinds: Vec<ProfileKind> =
+            compiled.iter().copied().filter(|k| self.kinds.as_ref().is_none_or(|kinds| kinds.contains(k))).collect();
+        let kinds_text: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        let kinds_text = kinds_text.join(",");
+        let rules_text: Vec<&str> = rules.iter().map(|r| r.text.as_str()).collect();
+        let rules_text = rules_text.join("; ");
+        let watch = (!rules.is_empty()).then(|| {
+            let needs = auto::metrics::Needs {
+                cpu: rules.iter().any(|r| r.metric == auto::Metric::Cpu),
+                memory: rules.iter().any(|r| r.metric == auto::Metric::Memory),
+                threads: rules.iter().any(|r| r.metric == auto::Metric::Threads),
+            };
+            let source = Box::new(auto::metrics::ProcessMetrics::new(needs));
+            auto::watch::Watch::new(rules, self.auto.interval(), source, std::time::Instant::now())
+        });
 
         let wake = wake::WakeSocket::new().map_err(InstallError::Io)?;
         let reader = wake.reader.try_clone().map_err(InstallError::Io)?;
         let signals = wake::OperatorSignals::register(cfg!(feature = "threads")).map_err(InstallError::Io)?;
         let (commands, receiver) = mpsc::channel();
-        let controller =
-            Controller::new(dir.clone(), profilers, self.max_duration, self.backends.clone(), receiver, reader);
+        let setup = control::Setup {
+            dir: dir.clone(),
+            profilers,
+            kinds,
+            max_duration: self.max_duration,
+            backends: self.backends.clone(),
+            watch,
+            retention: self.retention,
+        };
+        let controller = Controller::new(setup, receiver, reader);
         let thread = std::thread::Builder::new()
             .name("onsite-control".into())
             .spawn(move || controller.run())
@@ -179,8 +230,12 @@ impl Builder {
         tracing::info!(
             pid = dir.pid(),
             dir = %dir.dir().display(),
-            kinds = %kinds,
+            kinds = %kinds_text,
             max_duration = ?self.max_duration,
+            auto = %rules_text,
+            auto_interval = ?self.auto.interval(),
+            retain_captures = ?self.retention.max_captures,
+            retain_bytes = ?self.retention.max_bytes,
             "onsite: installed; `kill -USR2 {}` starts a capture, the next one stops it",
             dir.pid()
         );

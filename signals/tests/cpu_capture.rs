@@ -195,7 +195,8 @@ fn fifty_toggles_under_an_allocating_load_neither_hang_nor_crash() {
     let mut service = Service::start(
         "child_allocating_service",
         dir.path(),
-        &[("ONSITE_KINDS", "cpu"), ("ONSITE_CPU_FLAMEGRAPH", "false")],
+        // Retention would otherwise start deleting the oldest of these 50 captures.
+        &[("ONSITE_KINDS", "cpu"), ("ONSITE_CPU_FLAMEGRAPH", "false"), ("ONSITE_RETAIN_CAPTURES", "unlimited")],
     );
     for cycle in 1..=50 {
         service.signal(libc::SIGUSR2);

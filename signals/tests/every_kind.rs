@@ -146,7 +146,8 @@ fn one_capture_writes_every_kind_and_each_names_the_childs_own_work() {
     assert!(begins > 10, "the trace holds the child's spans: {begins} work_item spans");
 
     // All files of the capture share one timestamp: `{command}-{pid}-{kind}-{stamp}.{ext}`.
-    let prefix = format!("{}-{}-", std::env::current_exe().unwrap().file_name().unwrap().to_str().unwrap(), service.pid());
+    let prefix =
+        format!("{}-{}-", std::env::current_exe().unwrap().file_name().unwrap().to_str().unwrap(), service.pid());
     let stamps: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

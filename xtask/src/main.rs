@@ -10,6 +10,7 @@
 mod auto_demo;
 mod demo;
 mod report;
+mod service;
 
 use std::process::ExitCode;
 

@@ -88,7 +88,7 @@ pub(crate) fn print_span_counts(file: &Path) -> Result<(), String> {
     }
     println!("  {} events; spans by name:", events.len());
     let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
     for (name, count) in counts.iter().take(10) {
         println!("  {count:>10}  {name}");
     }

@@ -17,7 +17,9 @@
 //! free included). Instructions are not time (cache misses and contention do not show), so this
 //! explains the throughput figures; it does not replace them.
 //!
-//! `ONSITE_BENCH_ROUNDS` (default 15) and `ONSITE_BENCH_ROUND_MS` (default 200) change the run.
+//! `ONSITE_BENCH_ROUNDS` (default 15) and `ONSITE_BENCH_ROUND_MS` (default 200) change the run;
+//! `ONSITE_BENCH_SAMPLE_BYTES` the sampled captures' mean (default 524288; the setups' names and
+//! the ballast stay as they are), to separate the per-call cost from the per-sample cost.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -143,29 +145,50 @@ fn run_churn(setup: Setup, seed: usize, until: Until) -> u64 {
     if setup == Setup::System { churn(&System, seed, until) } else { churn(&ALLOC, seed, until) }
 }
 
-/// Operations per second of `THREADS` threads running `churn` for one round.
-fn round(setup: Setup, length: Duration) -> f64 {
+/// This thread's CPU time so far.
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a valid out-pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// One round of one setup: `THREADS` threads running `churn` for `length` of wall time.
+#[derive(Clone, Copy)]
+struct Rate {
+    /// Operations per second of wall time, all threads together.
+    wall: f64,
+    /// Operations per second of CPU time the threads actually ran.
+    cpu: f64,
+}
+
+fn round(setup: Setup, length: Duration) -> Rate {
     let barrier = Barrier::new(THREADS);
-    let total: u64 = std::thread::scope(|s| {
+    let (ops, cpu) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
                 let barrier = &barrier;
                 s.spawn(move || {
                     barrier.wait();
-                    run_churn(setup, t + 1, Until::Time(Instant::now() + length))
+                    let cpu_before = thread_cpu_time();
+                    let ops = run_churn(setup, t + 1, Until::Time(Instant::now() + length));
+                    (ops, thread_cpu_time() - cpu_before)
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
+        handles.into_iter().map(|h| h.join().unwrap()).fold((0u64, Duration::ZERO), |a, b| (a.0 + b.0, a.1 + b.1))
     });
-    total as f64 / length.as_secs_f64()
+    Rate { wall: ops as f64 / length.as_secs_f64(), cpu: ops as f64 / cpu.as_secs_f64() }
 }
 
 /// Starts the capture `setup` runs under (and its ballast), or nothing.
 fn start(setup: Setup) -> (Option<Box<dyn Stopper>>, Vec<Vec<u8>>) {
     let profiler = match setup {
         Setup::System | Setup::Off => return (None, Vec::new()),
-        Setup::Sampled | Setup::SampledBusy => MemoryProfiler::new(MemoryMode::Sampled, DEFAULT_SAMPLE_BYTES),
+        Setup::Sampled | Setup::SampledBusy => {
+            MemoryProfiler::new(MemoryMode::Sampled, env_number("ONSITE_BENCH_SAMPLE_BYTES", DEFAULT_SAMPLE_BYTES))
+        }
         Setup::Dhat => MemoryProfiler::new(MemoryMode::Dhat, 1),
     };
     let stopper = profiler.clone().start().unwrap();
@@ -191,7 +214,7 @@ fn rand_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
-fn measure(setup: Setup, dir: &std::path::Path, length: Duration) -> f64 {
+fn measure(setup: Setup, dir: &std::path::Path, length: Duration) -> Rate {
     let (stopper, ballast) = start(setup);
     let rate = round(setup, length);
     stop(stopper, ballast, dir);
@@ -213,6 +236,19 @@ fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
 }
 
+/// Median [quartiles] (min–max) of `values`, as table cells.
+fn spread(mut values: Vec<f64>) -> String {
+    values.sort_by(f64::total_cmp);
+    format!(
+        "{:.3} | {:.3}–{:.3} | {:.3}–{:.3}",
+        quantile(&values, 0.5),
+        quantile(&values, 0.25),
+        quantile(&values, 0.75),
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
 #[allow(clippy::print_stdout)] // a benchmark's report is its output
 fn throughput(quick: bool) {
     let rounds = if quick { 1 } else { env_number("ONSITE_BENCH_ROUNDS", ROUNDS as u64) as usize };
@@ -223,7 +259,7 @@ fn throughput(quick: bool) {
     for &setup in &SETUPS[..SETUPS.len() - 1] {
         measure(setup, dir.path(), length / 2);
     }
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    let mut rates: Vec<Vec<Rate>> = vec![Vec::new(); SETUPS.len()];
     for r in 0..rounds {
         for k in 0..SETUPS.len() {
             let i = (r + k) % SETUPS.len();
@@ -235,25 +271,21 @@ fn throughput(quick: bool) {
          load average before {load_before}, after {}",
         load_average()
     );
-    println!("ratio = throughput / System's in the same round; median [quartiles] (min–max) over rounds");
+    println!("ratio = this setup's throughput / System's in the same round; median, quartiles and min–max over rounds");
     println!();
-    println!("| setup | ops/s (2 threads, median) | ratio to System, median | quartiles | min–max |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for (i, setup) in SETUPS.iter().enumerate() {
-        let mut ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(r, base)| r / base).collect();
-        ratios.sort_by(f64::total_cmp);
-        let mut own = rates[i].clone();
-        own.sort_by(f64::total_cmp);
-        println!(
-            "| {} | {:.2e} | {:.3} | {:.3}–{:.3} | {:.3}–{:.3} |",
-            setup.name(),
-            quantile(&own, 0.5),
-            quantile(&ratios, 0.5),
-            quantile(&ratios, 0.25),
-            quantile(&ratios, 0.75),
-            ratios[0],
-            ratios[ratios.len() - 1],
-        );
+    for (title, per_cpu) in [("per CPU-second the threads ran (headline)", true), ("per wall-clock second", false)] {
+        let pick = |r: &Rate| if per_cpu { r.cpu } else { r.wall };
+        println!("throughput {title}:");
+        println!();
+        println!("| setup | ops/s (median) | ratio to System | quartiles | min–max |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (i, setup) in SETUPS.iter().enumerate() {
+            let ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(r, base)| pick(r) / pick(base)).collect();
+            let mut own: Vec<f64> = rates[i].iter().map(pick).collect();
+            own.sort_by(f64::total_cmp);
+            println!("| {} | {:.2e} | {} |", setup.name(), quantile(&own, 0.5), spread(ratios));
+        }
+        println!();
     }
 }
 

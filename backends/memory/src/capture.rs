@@ -68,7 +68,8 @@ pub struct MemoryProfiler {
 }
 
 impl MemoryProfiler {
-    /// A profiler in `mode`; `sample_bytes` is the sampled mode's mean interval (at least 1).
+    /// A profiler in `mode`; `sample_bytes` is the sampled mode's mean interval (at least 1, at
+    /// most 4 GiB).
     pub fn new(mode: MemoryMode, sample_bytes: u64) -> Self {
         MemoryProfiler { mode, sample_bytes: sample_bytes.max(1) }
     }

@@ -23,17 +23,21 @@
 //! when it stopped.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 mod capture;
 mod dhat_mode;
 mod heap_pprof;
 mod sampled;
+mod stack_walk;
 
 pub use capture::{DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler, UnknownMode};
 
-/// What the allocator does with each call; changed only by the control thread.
-static MODE: AtomicU8 = AtomicU8::new(mode::OFF);
+/// What the allocator does with each call; changed only by the control thread. The low byte is
+/// one of the [`mode`] constants; during a sampled capture the upper 24 bits hold the capture's
+/// generation (see `sampled`), so the sampled fast path learns both from this one load. `OFF`
+/// is the whole word 0.
+static MODE: AtomicU32 = AtomicU32::new(mode::OFF);
 
 /// Calls into `dhat::Alloc` (or into the sampler's tables) that have started and not finished.
 /// A stop switches [`MODE`] away and then waits for this to reach zero, so nothing touches the
@@ -46,15 +50,21 @@ static PROBE_SEEN: AtomicBool = AtomicBool::new(false);
 
 mod mode {
     /// No capture: straight to `System`.
-    pub(crate) const OFF: u8 = 0;
+    pub(crate) const OFF: u32 = 0;
     /// A capture is starting and checks that the allocator is installed.
-    pub(crate) const PROBE: u8 = 1;
+    pub(crate) const PROBE: u32 = 1;
     /// A dhat capture: every call goes through `dhat::Alloc`.
-    pub(crate) const DHAT: u8 = 2;
+    pub(crate) const DHAT: u32 = 2;
     /// A dhat capture is stopping: `System` for everyone while dhat writes its report.
-    pub(crate) const DRAINING: u8 = 3;
-    /// A sampled capture.
-    pub(crate) const SAMPLED: u8 = 4;
+    pub(crate) const DRAINING: u32 = 3;
+    /// A sampled capture (with its generation in the upper bits of the word).
+    pub(crate) const SAMPLED: u32 = 4;
+
+    /// The mode part of a [`super::MODE`] word.
+    #[inline(always)]
+    pub(crate) const fn of(word: u32) -> u32 {
+        word & 0xff
+    }
 }
 
 /// onsite's global allocator: `System`, plus whatever a running memory capture needs.
@@ -71,56 +81,61 @@ impl Allocator {
     }
 }
 
+// Each method: one relaxed load; `OFF` goes straight to `System`. Anything else goes to
+// `routed`, whose sampled common case is inlined here too (a thread-local countdown on
+// allocation, one table check on free) and whose other paths are out of line.
+//
 // SAFETY: every path hands the call to `System` (directly, through `dhat::Alloc`, which wraps
 // `System`, or after the sampler's bookkeeping), with the caller's pointer and layout unchanged,
 // so `System`'s guarantees are the allocator's.
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let mode = MODE.load(Ordering::Relaxed);
-        if mode == mode::OFF {
+        let word = MODE.load(Ordering::Relaxed);
+        if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { System.alloc(layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc(mode, layout, false) }
+        unsafe { routed::alloc(word, layout, false) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let mode = MODE.load(Ordering::Relaxed);
-        if mode == mode::OFF {
+        let word = MODE.load(Ordering::Relaxed);
+        if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { System.alloc_zeroed(layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc(mode, layout, true) }
+        unsafe { routed::alloc(word, layout, true) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let mode = MODE.load(Ordering::Relaxed);
-        if mode == mode::OFF {
+        let word = MODE.load(Ordering::Relaxed);
+        if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { System.dealloc(ptr, layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::dealloc(mode, ptr, layout) }
+        unsafe { routed::dealloc(word, ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let mode = MODE.load(Ordering::Relaxed);
-        if mode == mode::OFF {
+        let word = MODE.load(Ordering::Relaxed);
+        if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::realloc(mode, ptr, layout, new_size) }
+        unsafe { routed::realloc(word, ptr, layout, new_size) }
     }
 }
 
-/// The paths taken while a capture runs.
+/// The paths taken while a capture runs (or starts, or stops). `word` is the [`MODE`] word the
+/// caller read; a stale one is handled like any call racing a mode change.
 mod routed {
     use super::*;
 
@@ -145,64 +160,103 @@ mod routed {
         IN_FLIGHT.fetch_sub(1, Ordering::Release);
     }
 
-    // Inlined so the sampled mode's common case (a thread-local countdown) costs no call; the
-    // mode read by the caller is reused (a stale one is handled like any racing call).
-    #[inline]
-    pub(super) unsafe fn alloc(mode: u8, layout: Layout, zeroed: bool) -> *mut u8 {
-        if mode == mode::DHAT && enter_dhat() {
-            // SAFETY: forwarded as received; dhat allocates from `System`.
-            let ptr = unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } };
-            leave_dhat();
-            return ptr;
-        }
+    /// `System`'s allocation, zeroed or not.
+    #[inline(always)]
+    pub(crate) unsafe fn system_alloc(layout: Layout, zeroed: bool) -> *mut u8 {
         // SAFETY: forwarded as received.
-        let ptr = unsafe { if zeroed { System.alloc_zeroed(layout) } else { System.alloc(layout) } };
-        match mode {
-            mode::SAMPLED if !ptr.is_null() => sampled::on_alloc(ptr, layout.size()),
-            mode::PROBE => PROBE_SEEN.store(true, Ordering::Relaxed),
-            _ => {}
-        }
-        ptr
+        unsafe { if zeroed { System.alloc_zeroed(layout) } else { System.alloc(layout) } }
     }
 
-    #[inline]
-    pub(super) unsafe fn dealloc(mode: u8, ptr: *mut u8, layout: Layout) {
-        if mode == mode::DHAT && enter_dhat() {
+    #[inline(always)]
+    pub(super) unsafe fn alloc(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+        if mode::of(word) == mode::SAMPLED && sampled::count_down(word, layout.size()) {
+            // SAFETY: forwarded as received.
+            return unsafe { system_alloc(layout, zeroed) };
+        }
+        // SAFETY: forwarded as received.
+        unsafe { alloc_other(word, layout, zeroed) }
+    }
+
+    /// Everything but the sampled common case: a sampled allocation, dhat, the probe.
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_other(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+        match mode::of(word) {
+            // SAFETY: forwarded as received.
+            mode::SAMPLED => unsafe { sampled::alloc_past_budget(word, layout, zeroed) },
+            mode::DHAT if enter_dhat() => {
+                // SAFETY: forwarded as received; dhat allocates from `System`.
+                let ptr = unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } };
+                leave_dhat();
+                ptr
+            }
+            mode => {
+                if mode == mode::PROBE {
+                    PROBE_SEEN.store(true, Ordering::Relaxed);
+                }
+                // SAFETY: forwarded as received.
+                unsafe { system_alloc(layout, zeroed) }
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn dealloc(word: u32, ptr: *mut u8, layout: Layout) {
+        if mode::of(word) == mode::SAMPLED {
+            // Forget the block before `System` can hand its address out again.
+            sampled::on_free(ptr);
+            // SAFETY: forwarded as received.
+            return unsafe { System.dealloc(ptr, layout) };
+        }
+        // SAFETY: forwarded as received.
+        unsafe { dealloc_other(word, ptr, layout) }
+    }
+
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_other(word: u32, ptr: *mut u8, layout: Layout) {
+        if word == mode::DHAT && enter_dhat() {
             // SAFETY: forwarded as received; dhat ignores blocks it never recorded.
             unsafe { dhat::Alloc.dealloc(ptr, layout) };
             leave_dhat();
             return;
         }
-        if mode == mode::SAMPLED {
-            // Forget the block before `System` can hand its address out again.
-            sampled::on_free(ptr);
-        }
         // SAFETY: forwarded as received.
         unsafe { System.dealloc(ptr, layout) }
     }
 
-    #[inline]
-    pub(super) unsafe fn realloc(mode: u8, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if mode == mode::DHAT && enter_dhat() {
+    #[inline(always)]
+    pub(super) unsafe fn realloc(word: u32, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if mode::of(word) == mode::SAMPLED {
+            // A realloc is a free of the old block and an allocation of the new size, for the
+            // books as for dhat. The old block is forgotten first: once `System` has it, its
+            // address may be handed to another thread and sampled there.
+            sampled::on_free(ptr);
+            if sampled::count_down(word, new_size) {
+                // SAFETY: forwarded as received.
+                return unsafe { System.realloc(ptr, layout, new_size) };
+            }
+            // SAFETY: forwarded as received.
+            return unsafe { sampled::realloc_past_budget(word, ptr, layout, new_size) };
+        }
+        // SAFETY: forwarded as received.
+        unsafe { realloc_other(word, ptr, layout, new_size) }
+    }
+
+    #[cold]
+    #[inline(never)]
+    unsafe fn realloc_other(word: u32, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if word == mode::DHAT && enter_dhat() {
             // SAFETY: forwarded as received; a block dhat never saw is recorded as new.
             let new = unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
             leave_dhat();
             return new;
         }
-        if mode == mode::SAMPLED {
-            // A realloc is a free of the old block and an allocation of the new size, for the
-            // books as for dhat. The old block is forgotten first: once `System` has it, its
-            // address may be handed to another thread and sampled there.
-            sampled::on_free(ptr);
+        if word == mode::PROBE {
+            PROBE_SEEN.store(true, Ordering::Relaxed);
         }
         // SAFETY: forwarded as received.
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        match mode {
-            mode::SAMPLED if !new.is_null() => sampled::on_alloc(new, new_size),
-            mode::PROBE => PROBE_SEEN.store(true, Ordering::Relaxed),
-            _ => {}
-        }
-        new
+        unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
 

@@ -4,29 +4,46 @@
 //!   distribution (mean `sample_bytes`); the allocation that exhausts it is sampled and a new
 //!   budget is drawn. Bytes are thus sampled as a Poisson process, and an allocation of `s`
 //!   bytes is sampled with probability `1 - exp(-s / mean)`, which is what the writer scales
-//!   back by (Go's `scaleHeapSample`). Unsampled allocations touch only thread-local cells.
-//! - **Stacks**: only sampled allocations walk the stack (`backtrace::trace_unsynchronized`,
-//!   raw return addresses into a buffer on the stack); they are symbolised when the file is
-//!   written. A per-thread `busy` flag sends anything the walk allocates straight to `System`.
+//!   back by (Go's `scaleHeapSample`).
+//! - **The common allocation** costs one thread-local word and one branch: the word holds the
+//!   capture's generation above the budget (`generation << 40 | budget`), and the `MODE` word
+//!   the allocator already loaded carries the running capture's generation. Subtracting the
+//!   size borrows into the generation bits exactly when the budget runs out, so "same
+//!   generation after the subtraction" means both "this thread's budget belongs to this
+//!   capture" and "not yet exhausted". Anything else (exhausted, or the thread's first
+//!   allocation in this capture, or its first ever) takes the out-of-line path. A thread's
+//!   first allocation in a capture draws a fresh budget there: none of its bytes in this
+//!   capture have been counted yet, so that is exactly where its Poisson process starts
+//!   (whatever mean the previous capture used). The cells are const-initialised and have no
+//!   destructor: no lazy registration, usable from the allocator at any point of a thread's
+//!   life.
+//! - **Stacks**: only sampled allocations walk the stack (`stack_walk`: framehop's caching
+//!   unwinder on x86_64 Linux, libgcc's through `backtrace` as the fallback; raw return
+//!   addresses into a buffer on the stack); they are symbolised when the file is written. A
+//!   per-thread `busy` flag keeps anything the walk allocates from being sampled (no recursion
+//!   into the sampler).
 //! - **Tables** are fixed-size statics of atomics (no allocation, no lock in the allocator):
-//!   `SITES` (one per distinct stack, with its counts) and `LIVE` (address → site and size of
-//!   each sampled block still live). A free must know whether its block was sampled: `FILTER`
-//!   counts the live entries per group of 16 home slots of `LIVE`, so the common free (a block
-//!   never sampled, or allocated before the capture) costs a multiply and one load from a
-//!   16 KiB array, and nothing else. Only a free whose group holds entries probes `LIVE`.
+//!   `SITES` (one per distinct stack, with its counts) and `LIVE_ADDRESS` / `LIVE_BLOCK`
+//!   (address → site and size of each sampled block still live). A free must know whether its
+//!   block was sampled: `FILTER` counts the live entries per group of 4 home slots of the live
+//!   table, so the common free (a block never sampled, or allocated before the capture) costs
+//!   a multiply and one load from a 16 KiB array, and nothing else. A free whose group holds
+//!   entries first looks for its address without writing anything; only a block that really
+//!   was sampled takes the counted (`IN_FLIGHT`) path that updates the tables.
 //! - **Full tables** drop the sample (counted, logged and written as a profile comment) rather
 //!   than block or allocate.
 //! - **Stop**: the mode goes to `OFF`, then the stop waits for calls already inside the tables
-//!   (counted in `IN_FLIGHT`, only on the rare paths: a sample, or a free whose home slot is
-//!   in use). After that the tables are quiet and are read; they are cleared at the next start.
+//!   (counted in `IN_FLIGHT`, only on the rare paths: a sample, or the free of a sampled
+//!   block). After that the tables are quiet and are read; they are cleared at the next start.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Stopper};
 
-use crate::{IN_FLIGHT, MODE, heap_pprof, mode};
+use crate::{IN_FLIGHT, MODE, heap_pprof, mode, stack_walk};
 
 /// Frames kept per sample (the allocator's own leaf frames included, dropped when written).
 const MAX_DEPTH: usize = 64;
@@ -35,11 +52,21 @@ const SITE_SLOTS: usize = 1 << 12;
 /// Sampled blocks live at once (at the default mean, 32 GiB of live sampled memory).
 const LIVE_SLOTS: usize = 1 << 16;
 const LIVE_BITS: u32 = LIVE_SLOTS.trailing_zeros();
-/// Counters of live sampled blocks per group of 16 home slots of `LIVE`: 16 KiB, so the check
-/// every free makes stays in L1.
-const FILTER_SLOTS: usize = LIVE_SLOTS / 16;
+/// Home slots of the live table per `FILTER` counter. With a probe limit of 32, at most
+/// `4 + 31` entries share a counter, so a byte holds it; 16 KiB in all, so the check every free
+/// makes mostly stays in L1.
+const FILTER_GROUP_BITS: u32 = 2;
+const FILTER_SLOTS: usize = LIVE_SLOTS >> FILTER_GROUP_BITS;
 /// How far a lookup walks from a home slot before giving up.
 const PROBE_LIMIT: usize = 32;
+/// Bits of a thread's countdown word that hold its budget; the generation sits above them.
+const BUDGET_BITS: u32 = 40;
+const BUDGET_MAX: u64 = (1 << BUDGET_BITS) - 1;
+/// Generations fit in the 24 bits above the mode byte of the `MODE` word (and above the budget
+/// in the countdown word); 0 is never used, so a thread that never counted is always stale.
+const GENERATION_MAX: u32 = (1 << 24) - 1;
+/// The largest mean interval: budgets (up to ~40 means) must fit in `BUDGET_BITS`.
+pub(crate) const MAX_MEAN_BYTES: u64 = 1 << 32;
 
 const EMPTY: usize = 0;
 const TOMBSTONE: usize = 1;
@@ -72,54 +99,57 @@ impl Site {
     }
 }
 
-struct LiveSlot {
-    /// The block's address, or `EMPTY` / `TOMBSTONE`.
-    address: AtomicUsize,
-    /// The site's index and the block's size.
-    site: AtomicU32,
-    size: AtomicU64,
-}
-
 static SITES: [Site; SITE_SLOTS] = [const { Site::new() }; SITE_SLOTS];
-static LIVE: [LiveSlot; LIVE_SLOTS] =
-    [const { LiveSlot { address: AtomicUsize::new(EMPTY), site: AtomicU32::new(0), size: AtomicU64::new(0) } };
-        LIVE_SLOTS];
-static FILTER: [AtomicU32; FILTER_SLOTS] = [const { AtomicU32::new(0) }; FILTER_SLOTS];
+/// Each live sampled block's address, or `EMPTY` / `TOMBSTONE`. Kept apart from `LIVE_BLOCK`
+/// so a lookup reads 8 candidate addresses per cache line.
+static LIVE_ADDRESS: [AtomicUsize; LIVE_SLOTS] = [const { AtomicUsize::new(EMPTY) }; LIVE_SLOTS];
+/// The same slot's `size << 16 | site index`.
+static LIVE_BLOCK: [AtomicU64; LIVE_SLOTS] = [const { AtomicU64::new(0) }; LIVE_SLOTS];
+static FILTER: [AtomicU8; FILTER_SLOTS] = [const { AtomicU8::new(0) }; FILTER_SLOTS];
 
 /// Mean sampling interval in bytes, for the running capture.
 static MEAN_BYTES: AtomicU64 = AtomicU64::new(crate::DEFAULT_SAMPLE_BYTES);
-/// Bumped at each start, so threads draw a fresh budget with the capture's mean.
+/// The last capture's generation (1..=GENERATION_MAX).
 static GENERATION: AtomicU32 = AtomicU32::new(0);
 /// Samples that could not be recorded because a table was full.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Whether the tables hold a previous capture's data.
 static DIRTY: AtomicBool = AtomicBool::new(false);
 
-/// Per-thread sampling state. Const-initialised `Cell`s without `Drop`: no lazy registration,
-/// no destructor, usable from the allocator at any point of a thread's life.
+/// Per-thread sampling state (see the module docs for `countdown`).
 struct ThreadSampler {
-    generation: Cell<u32>,
-    budget: Cell<i64>,
+    /// `generation << BUDGET_BITS | bytes left before the next sample`.
+    countdown: Cell<u64>,
     rng: Cell<u64>,
     busy: Cell<bool>,
 }
 
-thread_local! {
-    static THREAD: ThreadSampler = const {
-        ThreadSampler { generation: Cell::new(0), budget: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
-    };
+impl ThreadSampler {
+    const fn new() -> Self {
+        ThreadSampler { countdown: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
+    }
 }
 
-/// Starts a sampled capture; the caller has claimed the mode (it is `PROBE`).
+thread_local! {
+    static THREAD: ThreadSampler = const { ThreadSampler::new() };
+}
+
+/// Starts a sampled capture; the caller has claimed the mode (it is `PROBE`). The mean is
+/// limited to `1..=MAX_MEAN_BYTES`.
 pub(crate) fn start(mean_bytes: u64) -> SampledStopper {
+    let mean_bytes = mean_bytes.clamp(1, MAX_MEAN_BYTES);
     if DIRTY.swap(false, Ordering::SeqCst) {
         clear_tables();
     }
     DROPPED.store(0, Ordering::Relaxed);
-    MEAN_BYTES.store(mean_bytes.max(1), Ordering::Relaxed);
-    GENERATION.fetch_add(1, Ordering::Relaxed);
+    MEAN_BYTES.store(mean_bytes, Ordering::Relaxed);
+    let generation = GENERATION.load(Ordering::Relaxed) % GENERATION_MAX + 1;
+    GENERATION.store(generation, Ordering::Relaxed);
+    // Before the mode word: a thread that samples must find the walker (it allocates, too).
+    stack_walk::install();
     let stopper = SampledStopper { mean_bytes, started: SystemTime::now(), clock: Instant::now(), stopped: false };
-    MODE.store(mode::SAMPLED, Ordering::SeqCst);
+    // SeqCst: a thread that sees this word also sees the mean and the cleared tables.
+    MODE.store(mode::SAMPLED | generation << 8, Ordering::SeqCst);
     stopper
 }
 
@@ -132,43 +162,92 @@ fn clear_tables() {
             counter.store(0, Ordering::Relaxed);
         }
     }
-    for slot in &LIVE {
-        slot.address.store(EMPTY, Ordering::Relaxed);
+    for address in &LIVE_ADDRESS {
+        address.store(EMPTY, Ordering::Relaxed);
     }
     for count in &FILTER {
         count.store(0, Ordering::Relaxed);
     }
 }
 
-/// Called for every allocation while sampling.
+/// The common case of every allocation while sampling: counts `size` bytes off this thread's
+/// budget and returns `true` if that is all there is to do. `false` (budget exhausted, or the
+/// thread's budget is from another capture) sends the caller to [`alloc_past_budget`] /
+/// [`realloc_past_budget`], with the budget untouched.
 #[inline(always)]
-pub(crate) fn on_alloc(ptr: *mut u8, size: usize) {
-    let take = THREAD
-        .try_with(|t| {
-            if t.busy.get() {
-                return false;
-            }
-            let generation = GENERATION.load(Ordering::Relaxed);
-            if t.generation.get() != generation {
-                t.generation.set(generation);
-                t.budget.set(next_budget(t));
-            }
-            let left = t.budget.get() - size as i64;
-            if left > 0 {
-                t.budget.set(left);
-                return false;
-            }
-            // Sampled. Go discards the overshoot too: the next point of a Poisson process is
-            // an exponential distance away wherever one starts counting.
-            t.budget.set(next_budget(t));
-            t.busy.set(true);
-            true
-        })
-        .unwrap_or(false);
-    if take {
-        record(ptr as usize, size);
-        let _ = THREAD.try_with(|t| t.busy.set(false));
+pub(crate) fn count_down(word: u32, size: usize) -> bool {
+    THREAD.with(|t| {
+        let left = t.countdown.get().wrapping_sub(size as u64);
+        let counting = left >> BUDGET_BITS == u64::from(word >> 8);
+        if counting {
+            t.countdown.set(left);
+        }
+        counting
+    })
+}
+
+/// An allocation [`count_down`] did not settle: maybe sampled.
+///
+/// # Safety
+/// As `GlobalAlloc::alloc`.
+#[inline(never)]
+pub(crate) unsafe fn alloc_past_budget(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+    let sampled = take_sample(word, layout.size());
+    // SAFETY: forwarded as received.
+    let ptr = unsafe { crate::routed::system_alloc(layout, zeroed) };
+    if sampled {
+        if !ptr.is_null() {
+            record(ptr as usize, layout.size());
+        }
+        THREAD.with(|t| t.busy.set(false));
     }
+    ptr
+}
+
+/// A realloc [`count_down`] did not settle (the old block is already forgotten): maybe sampled.
+///
+/// # Safety
+/// As `GlobalAlloc::realloc`.
+#[inline(never)]
+pub(crate) unsafe fn realloc_past_budget(word: u32, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    let sampled = take_sample(word, new_size);
+    // SAFETY: forwarded as received.
+    let new = unsafe { System.realloc(ptr, layout, new_size) };
+    if sampled {
+        if !new.is_null() {
+            record(new as usize, new_size);
+        }
+        THREAD.with(|t| t.busy.set(false));
+    }
+    new
+}
+
+/// Decides about an allocation of `size` bytes that [`count_down`] did not settle, and sets
+/// this thread's countdown for what follows. On `true` the caller records the block and then
+/// clears `busy`.
+fn take_sample(word: u32, size: usize) -> bool {
+    let generation = u64::from(word >> 8);
+    let size = size as u64;
+    THREAD.with(|t| {
+        if t.countdown.get() >> BUDGET_BITS != generation {
+            // This thread's first allocation in this capture: its count starts here.
+            let budget = next_budget(t);
+            if budget > size {
+                t.countdown.set(generation << BUDGET_BITS | (budget - size));
+                return false;
+            }
+        }
+        // Past the budget: sampled. Go discards the overshoot too: the next point of a
+        // Poisson process is an exponential distance away wherever one starts counting.
+        t.countdown.set(generation << BUDGET_BITS | next_budget(t));
+        if t.busy.get() {
+            // An allocation made while recording a sample (the stack walker's): not the
+            // program's, and recording it would re-enter the sampler.
+            return false;
+        }
+        t.busy.set(true);
+        true
+    })
 }
 
 /// Called for every free (and the old block of every realloc) while sampling, before the block
@@ -177,32 +256,43 @@ pub(crate) fn on_alloc(ptr: *mut u8, size: usize) {
 pub(crate) fn on_free(ptr: *mut u8) {
     let address = ptr as usize;
     let home = home_slot(address);
-    if FILTER[home / 16].load(Ordering::Relaxed) == 0 {
-        return;
+    if FILTER[home >> FILTER_GROUP_BITS].load(Ordering::Relaxed) != 0 {
+        forget(address, home);
     }
-    forget(address, home);
 }
 
+/// The slot of the live table holding `address`, if any. Reads only.
+#[inline(always)]
+fn find_live(address: usize, home: usize) -> Option<usize> {
+    for step in 0..PROBE_LIMIT {
+        let index = (home + step) & (LIVE_SLOTS - 1);
+        match LIVE_ADDRESS[index].load(Ordering::Acquire) {
+            EMPTY => return None,
+            found if found == address => return Some(index),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A free whose filter group holds live sampled blocks. Most such blocks were not sampled
+/// (they only share the group), so the first look writes nothing and counts nothing; the
+/// freeing thread owns the block, so nobody else can add or remove its address meanwhile.
+#[cold]
 #[inline(never)]
 fn forget(address: usize, home: usize) {
-    if !enter() {
+    if find_live(address, home).is_none() || !enter() {
         return;
     }
-    for step in 0..PROBE_LIMIT {
-        let slot = &LIVE[(home + step) & (LIVE_SLOTS - 1)];
-        let found = slot.address.load(Ordering::Acquire);
-        if found == EMPTY {
-            break;
-        }
-        if found == address {
-            let site = &SITES[slot.site.load(Ordering::Relaxed) as usize];
-            let size = slot.size.load(Ordering::Relaxed);
-            slot.address.store(TOMBSTONE, Ordering::Release);
-            FILTER[home / 16].fetch_sub(1, Ordering::Relaxed);
-            site.free_count.fetch_add(1, Ordering::Relaxed);
-            site.free_bytes.fetch_add(size, Ordering::Relaxed);
-            break;
-        }
+    // Looked up again inside `enter`: the tables may have been cleared for a new capture
+    // between the first look and `enter`.
+    if let Some(index) = find_live(address, home) {
+        let block = LIVE_BLOCK[index].load(Ordering::Relaxed);
+        LIVE_ADDRESS[index].store(TOMBSTONE, Ordering::Release);
+        FILTER[home >> FILTER_GROUP_BITS].fetch_sub(1, Ordering::Relaxed);
+        let site = &SITES[(block & 0xffff) as usize];
+        site.free_count.fetch_add(1, Ordering::Relaxed);
+        site.free_bytes.fetch_add(block >> 16, Ordering::Relaxed);
     }
     leave();
 }
@@ -211,7 +301,7 @@ fn forget(address: usize, home: usize) {
 /// why SeqCst on both sides).
 fn enter() -> bool {
     IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    if MODE.load(Ordering::SeqCst) == mode::SAMPLED {
+    if mode::of(MODE.load(Ordering::SeqCst)) == mode::SAMPLED {
         true
     } else {
         IN_FLIGHT.fetch_sub(1, Ordering::Release);
@@ -223,27 +313,14 @@ fn leave() {
     IN_FLIGHT.fetch_sub(1, Ordering::Release);
 }
 
-/// Records one sampled block: its stack (into `SITES`) and itself (into `LIVE`).
+/// Records one sampled block: its stack (into `SITES`) and itself (into the live table).
 #[inline(never)]
 fn record(address: usize, size: usize) {
     if !enter() {
         return;
     }
     let mut ips = [0usize; MAX_DEPTH];
-    let mut depth = 0;
-    // SAFETY: `trace_unsynchronized` is unsafe only because it does not take backtrace's
-    // global lock; it walks this thread's own stack, and the closure neither allocates nor
-    // unwinds.
-    unsafe {
-        backtrace::trace_unsynchronized(|frame| {
-            if frame.ip().is_null() {
-                return false; // the end of the stack
-            }
-            ips[depth] = frame.ip() as usize;
-            depth += 1;
-            depth < MAX_DEPTH
-        });
-    }
+    let depth = stack_walk::capture(&mut ips);
     let recorded = site_for(&ips[..depth]).is_some_and(|site| {
         if !insert_live(address, site, size as u64) {
             return false;
@@ -292,18 +369,19 @@ fn site_for(ips: &[usize]) -> Option<u32> {
 }
 
 fn insert_live(address: usize, site: u32, size: u64) -> bool {
+    const { assert!(SITE_SLOTS <= 1 << 16) };
     let home = home_slot(address);
     for step in 0..PROBE_LIMIT {
-        let slot = &LIVE[(home + step) & (LIVE_SLOTS - 1)];
-        let found = slot.address.load(Ordering::Relaxed);
+        let index = (home + step) & (LIVE_SLOTS - 1);
+        let slot = &LIVE_ADDRESS[index];
+        let found = slot.load(Ordering::Relaxed);
         if (found == EMPTY || found == TOMBSTONE)
-            && slot.address.compare_exchange(found, address, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            && slot.compare_exchange(found, address, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {
             // Nobody can look this address up before the allocation returns it, so writing
             // the rest after the address is published is fine.
-            slot.site.store(site, Ordering::Relaxed);
-            slot.size.store(size, Ordering::Relaxed);
-            FILTER[home / 16].fetch_add(1, Ordering::Relaxed);
+            LIVE_BLOCK[index].store(size << 16 | u64::from(site), Ordering::Relaxed);
+            FILTER[home >> FILTER_GROUP_BITS].fetch_add(1, Ordering::Relaxed);
             return true;
         }
     }
@@ -315,12 +393,12 @@ fn home_slot(address: usize) -> usize {
     ((address as u64 >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - LIVE_BITS)) as usize
 }
 
-/// A fresh exponential budget with the capture's mean (at least 1 byte).
-fn next_budget(t: &ThreadSampler) -> i64 {
+/// A fresh exponential budget with the capture's mean (1..=BUDGET_MAX bytes).
+fn next_budget(t: &ThreadSampler) -> u64 {
     let mut x = t.rng.get();
     if x == 0 {
-        // Seed from the thread's own stack address and the clock-free global generation:
-        // distinct per thread, no system call.
+        // Seed from the thread's own thread-local address and the generation: distinct per
+        // thread, no system call.
         x = (t as *const ThreadSampler as u64) ^ 0x9e37_79b9_7f4a_7c15 ^ u64::from(GENERATION.load(Ordering::Relaxed));
         x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
     }
@@ -332,7 +410,7 @@ fn next_budget(t: &ThreadSampler) -> i64 {
     let bits = x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 random bits
     let uniform = (bits as f64 + 0.5) / (1u64 << 53) as f64; // in (0, 1)
     let mean = MEAN_BYTES.load(Ordering::Relaxed) as f64;
-    ((-uniform.ln()) * mean).clamp(1.0, i64::MAX as f64 / 2.0) as i64
+    ((-uniform.ln()) * mean).clamp(1.0, BUDGET_MAX as f64) as u64
 }
 
 /// Go's `scaleHeapSample`: from sampled counts to an estimate of what was really allocated,
@@ -364,6 +442,7 @@ impl SampledStopper {
             self.stopped = true;
             MODE.store(mode::OFF, Ordering::SeqCst);
             crate::wait_for_in_flight();
+            stack_walk::uninstall();
             DIRTY.store(true, Ordering::SeqCst);
         }
     }
@@ -384,6 +463,8 @@ impl Stopper for SampledStopper {
             "onsite memory capture, mode sampled: one sample per {} bytes allocated on average, scaled",
             self.mean_bytes
         ));
+        let (fast_walks, libgcc_walks) = stack_walk::walk_counts();
+        builder.comment(&format!("stacks walked: {fast_walks} by the caching unwinder, {libgcc_walks} by libgcc's"));
         if dropped > 0 {
             tracing::warn!(dropped, "onsite: memory samples dropped because the sample tables were full");
             builder.comment(&format!("{dropped} samples dropped: the sample tables were full"));
@@ -427,13 +508,41 @@ mod tests {
     }
 
     #[test]
+    fn the_countdown_runs_out_into_the_slow_path_and_a_new_capture_starts_fresh() {
+        let word = mode::SAMPLED | 7 << 8;
+        let budget = || THREAD.with(|t| t.countdown.get());
+        // This thread never counted in generation 7: the fast path does not settle it.
+        assert!(!count_down(word, 1));
+        if take_sample(word, 1) {
+            THREAD.with(|t| t.busy.set(false)); // a fresh budget of 1 byte: sampled at once
+        }
+        assert_eq!(budget() >> BUDGET_BITS, 7);
+        // The fast path counts the budget down to 0 exactly...
+        let left = budget() & BUDGET_MAX;
+        assert!(count_down(word, left as usize));
+        assert_eq!(budget(), 7 << BUDGET_BITS);
+        // ...and one byte more borrows into the generation: slow path, budget untouched.
+        assert!(!count_down(word, 1));
+        assert_eq!(budget(), 7 << BUDGET_BITS);
+        // The slow path samples it and draws the next budget in the same generation.
+        assert!(take_sample(word, 1));
+        assert_eq!(budget() >> BUDGET_BITS, 7);
+        assert!(budget() & BUDGET_MAX >= 1);
+        // While that sample is being recorded, nothing else is sampled (no recursion).
+        THREAD.with(|t| t.countdown.set(7 << BUDGET_BITS));
+        assert!(!take_sample(word, 1));
+        THREAD.with(|t| t.busy.set(false));
+        // Another capture's word: this thread's budget is stale there, whatever is left of it.
+        assert!(!count_down(mode::SAMPLED | 8 << 8, 1));
+    }
+
+    #[test]
     fn budgets_are_exponential_around_the_mean() {
         MEAN_BYTES.store(1000, Ordering::Relaxed);
-        let t =
-            ThreadSampler { generation: Cell::new(0), budget: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) };
+        let t = ThreadSampler::new();
         let n = 20_000;
-        let draws: Vec<i64> = (0..n).map(|_| next_budget(&t)).collect();
-        let mean = draws.iter().sum::<i64>() as f64 / n as f64;
+        let draws: Vec<u64> = (0..n).map(|_| next_budget(&t)).collect();
+        let mean = draws.iter().sum::<u64>() as f64 / n as f64;
         assert!((950.0..1050.0).contains(&mean), "mean {mean}");
         // Exponential: about e^-1 of the draws exceed the mean.
         let above = draws.iter().filter(|&&d| d > 1000).count() as f64 / n as f64;

@@ -77,6 +77,26 @@ fn a_64_mib_leak_is_named_first_and_estimated_within_20_percent() {
     assert!(churn_inuse <= 0.02 * truth, "churn holds ~nothing: {churn_inuse}");
     let churn_alloc = flat(&totals(&profile, "alloc_space"), "planted_churn") as f64;
     assert!((churn_alloc / (128 * MIB) as f64 - 1.0).abs() <= 0.20, "churn allocated ~128 MiB: {churn_alloc}");
+
+    // The profile says how its stacks were walked; on x86_64 Linux the caching unwinder
+    // (framehop) should manage all of these plain Rust stacks without libgcc's help.
+    let (fast, libgcc) = walk_counts(&profile);
+    assert!(fast + libgcc >= 1000, "~3000 samples expected: {fast} + {libgcc}");
+    if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        assert!(libgcc * 100 <= fast, "stacks walked by libgcc instead: {libgcc} of {}", fast + libgcc);
+    }
+}
+
+/// The `stacks walked: N by the caching unwinder, M by libgcc's` comment's numbers.
+fn walk_counts(profile: &onsite_core::pprof::proto::Profile) -> (u64, u64) {
+    let comment = profile
+        .comment
+        .iter()
+        .map(|&i| profile.string_table[i as usize].as_str())
+        .find_map(|c| c.strip_prefix("stacks walked: "))
+        .expect("a stacks-walked comment");
+    let numbers: Vec<u64> = comment.split(' ').filter_map(|w| w.parse().ok()).collect();
+    (numbers[0], numbers[1])
 }
 
 #[test]

@@ -86,7 +86,7 @@ impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Level::Percent(p) => write!(f, "{p}%"),
-            Level::Bytes(b) => f.write_str(&human_bytes(b as f64)),
+            Level::Bytes(b) => f.write_str(&exact_size(b)),
             Level::Count(n) => write!(f, "{n}"),
         }
     }
@@ -179,7 +179,9 @@ pub fn parse_rules(text: &str) -> Result<Vec<Rule>, String> {
 /// Parses one rule, e.g. `mem>80%for3m kinds=memory capture=20s`.
 pub fn parse_rule(text: &str) -> Result<Rule, String> {
     let lower = text.trim().to_ascii_lowercase();
-    let (condition_words, options): (Vec<&str>, Vec<&str>) = lower.split_whitespace().partition(|w| !w.contains('='));
+    let is_option =
+        |w: &&str| w.split_once('=').is_some_and(|(k, _)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphabetic()));
+    let (options, condition_words): (Vec<&str>, Vec<&str>) = lower.split_whitespace().partition(is_option);
     // Spaces inside the condition carry no meaning: `mem > 80% for 3m` is `mem>80%for3m`.
     let condition_text: String = condition_words.concat();
     let metric_len = condition_text.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(condition_text.len());
@@ -314,6 +316,25 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     Ok((number * multiplier).round() as u64)
 }
 
+/// A size the way a person wrote it when it is a whole number of some unit (`300MB`,
+/// `512MiB`), else approximately.
+fn exact_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 8] = [
+        ("TiB", 1 << 40),
+        ("TB", 1_000_000_000_000),
+        ("GiB", 1 << 30),
+        ("GB", 1_000_000_000),
+        ("MiB", 1 << 20),
+        ("MB", 1_000_000),
+        ("KiB", 1 << 10),
+        ("KB", 1_000),
+    ];
+    match UNITS.iter().find(|(_, size)| bytes >= *size && bytes.is_multiple_of(*size)) {
+        Some((unit, size)) => format!("{}{unit}", bytes / size),
+        None => human_bytes(bytes as f64),
+    }
+}
+
 /// `312.5MiB`, the way the logs and manifests show sizes.
 pub(crate) fn human_bytes(bytes: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -367,7 +388,7 @@ mod tests {
             ("cpu>150%", "from 0% to 100%"),
             ("threads>50%", "whole number"),
             ("mem>300", "has no unit"),
-            ("mem>300XB", "unknown unit \"XB\""),
+            ("mem>300XB", "unknown unit \"xb\""),
             ("mem>=80%", "`>=` is not supported"),
             ("mem", "has no condition"),
             ("mem<80%", "expected `>` or `+`"),
@@ -388,6 +409,24 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_examples_parse() {
+        let readme = include_str!("../../README.md");
+        let examples: Vec<&str> =
+            readme.lines().filter_map(|l| l.strip_prefix("ONSITE_AUTO=\"")?.strip_suffix('"')).collect();
+        assert_eq!(examples.len(), 3, "the README shows three examples");
+        for example in examples {
+            let rules = parse_rules(example).unwrap_or_else(|e| panic!("{example}: {e}"));
+            for rule in rules {
+                if let Some(kinds) = rule.kinds {
+                    assert!(kinds.iter().all(|k| ProfileKind::CAPTURED.contains(k)), "{example}");
+                }
+            }
+        }
+        let err = parse_rules("mem>80%for3m; cpu>90%for1mm").unwrap_err();
+        assert!(readme.contains(&err[..err.find("; use").unwrap()]), "the README quotes the real error: {err}");
+    }
+
+    #[test]
     fn sizes_follow_si_and_iec() {
         assert_eq!(parse_size("300MB"), Ok(300_000_000));
         assert_eq!(parse_size("300M"), Ok(300_000_000));
@@ -397,5 +436,9 @@ mod tests {
         assert!(parse_size("12").is_err());
         assert!(parse_size("MB").is_err());
         assert_eq!(human_bytes(1536.0 * 1024.0), "1.5MiB");
+        assert_eq!(Level::Bytes(300_000_000).to_string(), "300MB");
+        assert_eq!(Level::Bytes(512 << 20).to_string(), "512MiB");
+        assert_eq!(Level::Bytes(1_610_612_736).to_string(), "1536MiB");
+        assert_eq!(Level::Bytes(100).to_string(), "100B");
     }
 }

@@ -214,3 +214,117 @@ pub fn run_service(allocating_threads: usize) -> ! {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The env var naming a file whose appearance makes [`run_spiking_service`] start threads.
+pub const SPIKE_FILE_VAR: &str = "ONSITE_TEST_SPIKE_FILE";
+
+/// Threads [`run_spiking_service`] starts when its spike file appears.
+pub const SPIKE_THREADS: usize = 60;
+
+/// A quiet service (onsite installed, mostly asleep) that starts [`SPIKE_THREADS`] idle
+/// threads once the file named by `ONSITE_TEST_SPIKE_FILE` exists: a metric the parent
+/// test moves when it chooses.
+pub fn run_spiking_service() -> ! {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let _onsite = match onsite::install() {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::exit(3);
+        }
+    };
+    let spike = std::env::var_os(SPIKE_FILE_VAR).map(PathBuf::from);
+    announce_ready();
+    let mut spiked = false;
+    loop {
+        if !spiked && spike.as_deref().is_some_and(Path::exists) {
+            spiked = true;
+            for n in 0..SPIKE_THREADS {
+                std::thread::Builder::new()
+                    .name(format!("spike-{n}"))
+                    .spawn(|| {
+                        loop {
+                            std::thread::park();
+                        }
+                    })
+                    .unwrap();
+            }
+            tracing::info!("spiked: started {SPIKE_THREADS} threads");
+        }
+        burn_cpu_in_a_known_function(10_000);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Voluntary context switches of the child's control thread so far: each is one time it went
+/// to sleep, so the count moves only when the thread wakes up. The child must log at debug
+/// level for `onsite` (the thread's id is in that line).
+pub fn control_thread_wakeups(service: &Service) -> u64 {
+    let log = service.log_text();
+    let line = log.lines().find(|l| l.contains("onsite: control thread running")).expect("the debug line with the tid");
+    let tid = line.split("tid=").nth(1).and_then(|t| t.split_whitespace().next()).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", service.pid())).unwrap();
+    let count = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")).unwrap();
+    count.trim().parse().unwrap()
+}
+
+/// A manifest file, parsed.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display()))
+}
+
+/// The `{command}` part of the child's dump file names: this test executable's file name.
+pub fn command_name() -> String {
+    std::env::current_exe().unwrap().file_name().unwrap().to_str().unwrap().to_owned()
+}
+
+/// The manifests in `dir`, oldest first, parsed.
+pub fn manifests(dir: &Path) -> Vec<(PathBuf, serde_json::Value)> {
+    files_ending_with(dir, ".json")
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().contains("-manifest-"))
+        .map(|p| {
+            let json = read_json(&p);
+            (p, json)
+        })
+        .collect()
+}
+
+impl Service {
+    /// Waits until `count` manifests exist, and returns them, oldest first.
+    pub fn wait_for_manifests(&self, count: usize, deadline: Duration) -> Vec<(PathBuf, serde_json::Value)> {
+        let start = Instant::now();
+        loop {
+            let found = manifests(&self.dir);
+            if found.len() >= count {
+                return found;
+            }
+            if start.elapsed() > deadline {
+                panic!(
+                    "expected {count} manifests within {deadline:?}, found {}; the child's log:\n{}",
+                    found.len(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Service {
+    /// Waits until the log contains `text` at least `count` times.
+    pub fn wait_for_log_count(&self, text: &str, count: usize, deadline: Duration) {
+        let start = Instant::now();
+        while self.log_text().matches(text).count() < count {
+            if start.elapsed() > deadline {
+                panic!("the child's log never said {text:?} {count} times within {deadline:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
