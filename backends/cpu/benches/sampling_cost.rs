@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler};
 use onsite_cpu::CpuProfiler;

@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use onsite_core::pprof::{PprofBuilder, decode};
+use onsite_core::pprof::{PprofBuilder, decode, sample_stacks};
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Profiler, Stopper};
 
 /// The default sampling rate. `ITIMER_PROF` ticks with the kernel's scheduler clock, so rates
@@ -174,27 +174,13 @@ fn write_flamegraph(pprof_bytes: &[u8], out: &CaptureOutput) -> Result<(), Captu
 
 /// `root;caller;leaf count` lines, one per sample, for inferno.
 fn folded_stacks(profile: &onsite_core::pprof::proto::Profile) -> Vec<String> {
-    use std::collections::HashMap;
-    let name = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("?");
-    let functions: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, name(f.name))).collect();
-    let locations: HashMap<u64, Vec<&str>> = profile
-        .location
-        .iter()
-        .map(|l| (l.id, l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?")).collect()))
-        .collect();
-    profile
-        .sample
-        .iter()
-        .filter(|s| s.value[0] > 0)
-        .map(|s| {
-            // Locations are leaf first with inlined functions innermost first: reverse both.
-            let stack: Vec<&str> = s
-                .location_id
-                .iter()
-                .rev()
-                .flat_map(|id| locations.get(id).into_iter().flat_map(|l| l.iter().rev().copied()))
-                .collect();
-            format!("{} {}", stack.join(";").replace(' ', "\u{a0}"), s.value[0])
+    sample_stacks(profile)
+        .into_iter()
+        .filter(|(_, sample)| sample.value[0] > 0)
+        .map(|(stack, sample)| {
+            // Stacks are leaf first; a flamegraph line is root first.
+            let line: Vec<&str> = stack.into_iter().rev().collect();
+            format!("{} {}", line.join(";").replace(' ', "\u{a0}"), sample.value[0])
         })
         .collect()
 }

@@ -6,4 +6,4 @@ pub mod proto;
 mod read;
 
 pub use builder::{Frame, PprofBuilder, is_std_function, symbolize};
-pub use read::{DecodeError, FunctionTotal, decode, function_totals};
+pub use read::{DecodeError, FunctionTotal, decode, function_totals, sample_stacks};

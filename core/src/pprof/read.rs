@@ -5,7 +5,7 @@ use std::io::Read;
 use flate2::read::GzDecoder;
 use prost::Message;
 
-use super::proto::Profile;
+use super::proto::{Profile, Sample};
 
 /// A file that is not a (possibly gzip'd) `profile.proto`.
 #[derive(Debug)]
@@ -48,31 +48,43 @@ pub struct FunctionTotal {
     pub cum: i64,
 }
 
-/// Totals per function for the sample type named `sample_type`, by flat value, largest first
-/// (ties by cum, then name). `None` when the profile has no such sample type.
-pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<FunctionTotal>> {
+/// Each sample with its stack as function names, leaf first (inlined functions innermost
+/// first, as pprof orders them): the one walk from ids to names that every reader shares.
+pub fn sample_stacks(profile: &Profile) -> Vec<(Vec<&str>, &Sample)> {
     let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");
-    let index = profile.sample_type.iter().position(|t| s(t.r#type) == sample_type)?;
     let functions: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, s(f.name))).collect();
     let locations: HashMap<u64, Vec<&str>> = profile
         .location
         .iter()
         .map(|l| (l.id, l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?")).collect()))
         .collect();
+    profile
+        .sample
+        .iter()
+        .map(|sample| {
+            let names = sample.location_id.iter().flat_map(|id| locations.get(id).into_iter().flatten().copied());
+            (names.collect(), sample)
+        })
+        .collect()
+}
+
+/// Totals per function for the sample type named `sample_type`, by flat value, largest first
+/// (ties by cum, then name). `None` when the profile has no such sample type.
+pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<FunctionTotal>> {
+    let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");
+    let index = profile.sample_type.iter().position(|t| s(t.r#type) == sample_type)?;
     let mut totals: HashMap<&str, (i64, i64)> = HashMap::new();
-    for sample in &profile.sample {
+    for (stack, sample) in sample_stacks(profile) {
         let value = sample.value.get(index).copied().unwrap_or(0);
         let mut seen = Vec::new();
-        for (depth, id) in sample.location_id.iter().enumerate() {
-            for (inline_depth, &name) in locations.get(id).into_iter().flatten().enumerate() {
-                let entry = totals.entry(name).or_default();
-                if depth == 0 && inline_depth == 0 {
-                    entry.0 += value;
-                }
-                if !seen.contains(&name) {
-                    seen.push(name);
-                    entry.1 += value;
-                }
+        for (depth, &name) in stack.iter().enumerate() {
+            let entry = totals.entry(name).or_default();
+            if depth == 0 {
+                entry.0 += value;
+            }
+            if !seen.contains(&name) {
+                seen.push(name);
+                entry.1 += value;
             }
         }
     }
