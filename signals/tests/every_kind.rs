@@ -187,3 +187,62 @@ fn usr1_dumps_every_thread_with_its_function_idle_and_during_a_capture() {
         }
     }
 }
+
+fn live_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Installs, captures every kind through the API, shuts down, and exits 0 only if no thread
+/// onsite started is left and SIGINT is back to its default disposition.
+#[test]
+#[ignore = "child process role"]
+fn child_install_capture_shutdown() {
+    if role().as_deref() != Some("child_install_capture_shutdown") {
+        return;
+    }
+    tracing_subscriber::registry()
+        .with(onsite::trace::layer())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+        .init();
+    let before = live_threads();
+    let onsite = onsite::install().expect("install");
+    assert!(onsite.start_capture(), "a capture starts");
+    assert!(!onsite.start_capture(), "a second start while one runs changes nothing");
+    {
+        let _span = tracing::info_span!("inside_the_capture").entered();
+        leak_a_block();
+        spawn_a_short_lived_thread();
+    }
+    let written = onsite.stop_capture();
+    assert!(written.len() >= 6, "files of every kind: {written:?}");
+    onsite.shutdown();
+    // Short-lived threads of the workload may still be exiting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while live_threads() > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(live_threads(), before, "threads left behind after shutdown");
+    // SAFETY: reading the current disposition only.
+    let sigint = unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, std::ptr::null(), &mut current);
+        current.sa_sigaction
+    };
+    assert_eq!(sigint, libc::SIG_DFL, "SIGINT is back to its default");
+    // A second installation works after a shutdown.
+    onsite::install().expect("install again").shutdown();
+    support::announce_ready();
+}
+
+#[test]
+fn shutdown_leaves_no_thread_or_handler_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_install_capture_shutdown", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(support::ROLE_VAR, "child_install_capture_shutdown")
+        .env("ONSITE_DIR", dir.path())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("ONSITE-TEST-CHILD-READY"), "{text}");
+}
