@@ -321,13 +321,15 @@ pub(crate) fn is_own_frame(function: &str) -> bool {
         "parking_lot::",
         "parking_lot_core::",
         "backtrace::",
-        // Drop plumbing between the service's `drop(guard)` and the unlock; symbols carry
-        // their generic arguments only with v0 mangling, so match the bare paths too.
-        "core::ptr::drop_in_place",
-        "core::mem::drop",
+        "core::ptr::drop_in_place<lock_api::",
+        "core::mem::drop<lock_api::",
     ]
     .iter()
     .any(|prefix| name.starts_with(prefix))
+        // `drop(guard)` in the service: legacy-mangled symbols name a generic function without
+        // its arguments, so the bare `core::mem::drop` between the service and the unlock is
+        // drop plumbing too (drop glue of a service type keeps its name and stays).
+        || name == "core::mem::drop"
 }
 
 #[cfg(test)]
@@ -341,6 +343,7 @@ mod tests {
         assert!(is_own_frame("backtrace::backtrace::trace_unsynchronized"));
         assert!(!is_own_frame("demo_mq::store::append"));
         assert!(!is_own_frame("core::ptr::drop_in_place<demo_mq::Queue>"));
+        assert!(is_own_frame("core::mem::drop"));
     }
 
     #[test]
