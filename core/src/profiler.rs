@@ -26,8 +26,9 @@ pub trait Stopper: Send {
     fn stop(self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError>;
 }
 
-/// The stopper of a capture that was never started (for example because one was already
-/// running): stopping it does nothing and writes nothing.
+/// The stopper of a capture that was never started because the backend's capture was already
+/// running (pprof-rs allows one profiler per process, and the service may run its own):
+/// stopping it does nothing and writes nothing, and the running capture is left alone.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoopStopper;
 

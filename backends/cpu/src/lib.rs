@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use onsite_core::pprof::{PprofBuilder, decode, sample_stacks};
-use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Profiler, Stopper};
+use onsite_core::{CaptureError, CaptureOutput, NoopStopper, ProfileKind, Profiler, Stopper};
 
 /// The default sampling rate. `ITIMER_PROF` ticks with the kernel's scheduler clock, so rates
 /// far above 100 Hz deliver only a fraction of what they ask for (FIELD-NOTES: ~16% at 999 Hz).
@@ -57,11 +57,23 @@ impl Profiler for CpuProfiler {
 
     fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
         let cpu_before = process_cpu_time();
-        let guard = pprof::ProfilerGuardBuilder::default()
+        let guard = match pprof::ProfilerGuardBuilder::default()
             .frequency(self.frequency_hz as i32)
             .blocklist(&BLOCKLIST)
             .build()
-            .map_err(|e| CaptureError::new(ProfileKind::Cpu, format!("pprof-rs could not start: {e}")))?;
+        {
+            Ok(guard) => guard,
+            // pprof-rs has one profiler per process. If the service runs its own (a
+            // /debug/pprof endpoint, say), that one is left alone: this capture just has no
+            // CPU file, like go-zero's StartProfile handing back a no-op stopper.
+            Err(pprof::Error::Running) => {
+                tracing::warn!(
+                    "onsite: a CPU profiler is already running in this process; this capture has no cpu file"
+                );
+                return Ok(Box::new(NoopStopper));
+            }
+            Err(e) => return Err(CaptureError::new(ProfileKind::Cpu, format!("pprof-rs could not start: {e}"))),
+        };
         Ok(Box::new(CpuStopper {
             guard,
             frequency_hz: self.frequency_hz,
@@ -197,4 +209,25 @@ fn process_cpu_time() -> Duration {
     let usage = unsafe { usage.assume_init() };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_cpu_capture_is_a_noop_that_leaves_the_first_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = |stamp| CaptureOutput::new(onsite_core::DumpDir::new(dir.path()), stamp);
+        let mut first = CpuProfiler::new(DEFAULT_FREQUENCY_HZ, false);
+        let mut second = CpuProfiler::new(DEFAULT_FREQUENCY_HZ, false);
+        let running = first.start().unwrap();
+        let noop = second.start().unwrap();
+        let noop_output = out(onsite_core::CaptureStamp::now());
+        noop.stop(&noop_output).unwrap();
+        assert!(noop_output.written().is_empty(), "the no-op stopper writes nothing");
+        let output = out(onsite_core::CaptureStamp::now());
+        running.stop(&output).unwrap();
+        assert_eq!(output.written().len(), 1, "the first capture still writes its profile");
+    }
 }
