@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use onsite_core::pprof::{decode, function_totals};
@@ -20,7 +20,8 @@ const DEADLINE: Duration = Duration::from_secs(90);
 static LEAKED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 static CONTENDED: onsite::sync::Mutex<u64> = onsite::sync::Mutex::new(0);
 static NEVER_UNLOCKED: onsite::sync::Mutex<()> = onsite::sync::Mutex::new(());
-static STARTED: AtomicBool = AtomicBool::new(false);
+/// How many of the dump's subject threads have reached their own function.
+static IN_PLACE: AtomicUsize = AtomicUsize::new(0);
 
 #[inline(never)]
 fn leak_a_block() {
@@ -45,6 +46,7 @@ fn spawn_a_short_lived_thread() {
 
 #[inline(never)]
 fn spin_forever() {
+    IN_PLACE.fetch_add(1, Ordering::SeqCst);
     loop {
         support::burn_cpu_in_a_known_function(1_000_000);
         std::thread::sleep(Duration::from_millis(2));
@@ -53,6 +55,7 @@ fn spin_forever() {
 
 #[inline(never)]
 fn sleep_forever() {
+    IN_PLACE.fetch_add(1, Ordering::SeqCst);
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -60,6 +63,7 @@ fn sleep_forever() {
 
 #[inline(never)]
 fn wait_on_a_lock_forever() {
+    IN_PLACE.fetch_add(1, Ordering::SeqCst);
     drop(NEVER_UNLOCKED.lock());
 }
 
@@ -92,7 +96,12 @@ fn child_full_service() {
             })
             .unwrap();
     }
-    STARTED.store(true, Ordering::Relaxed);
+    // Ready only once every subject thread runs its own function, so a dump taken at once
+    // cannot catch one still starting up.
+    while IN_PLACE.load(Ordering::SeqCst) < 3 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
     support::announce_ready();
     loop {
         let _span = tracing::info_span!("work_item").entered();
