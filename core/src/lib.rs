@@ -15,6 +15,6 @@ mod profiler;
 mod write;
 
 pub use kind::{ProfileKind, UnknownKind};
-pub use naming::{CaptureStamp, ConfigError, DIR_ENV, DumpDir, format_utc_millis};
+pub use naming::{CaptureStamp, ConfigError, DumpDir, format_utc_millis};
 pub use profiler::{CaptureError, CaptureOutput, NoopStopper, Profiler, Stopper};
 pub use write::{WriteError, WrittenFile, write_new_file};

@@ -17,9 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::kind::ProfileKind;
 
-/// The environment variable that overrides the dump directory.
-pub const DIR_ENV: &str = "ONSITE_DIR";
-
 /// Where dumps go and what they are called: the directory, the command name and the pid.
 #[derive(Debug, Clone)]
 pub struct DumpDir {
@@ -33,16 +30,6 @@ impl DumpDir {
     /// [`DumpDir::ensure_exists`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         DumpDir { dir: dir.into(), command: command_name(), pid: std::process::id() }
-    }
-
-    /// The directory an unconfigured process uses: `$ONSITE_DIR` if set, else the system
-    /// temporary directory. An empty `ONSITE_DIR` is an error, not a silent fallback.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        match env::var_os(DIR_ENV) {
-            Some(v) if v.is_empty() => Err(ConfigError::new(DIR_ENV, "", "must name a directory")),
-            Some(v) => Ok(DumpDir::new(PathBuf::from(v))),
-            None => Ok(DumpDir::new(env::temp_dir())),
-        }
     }
 
     /// The directory itself.

@@ -67,7 +67,7 @@ use onsite_core::DumpDir;
 /// so an operator can change a deployed binary without rebuilding it.
 pub mod vars {
     /// The dump directory (created if missing). Default: the system temp dir.
-    pub const DIR: &str = onsite_core::DIR_ENV;
+    pub const DIR: &str = "ONSITE_DIR";
     /// Which kinds a capture contains: `all`, or a comma list such as `cpu,memory`.
     pub const KINDS: &str = "ONSITE_KINDS";
     /// How long a capture may run before it stops by itself, e.g. `10m`, `90s`.
