@@ -179,31 +179,3 @@ fn child_cycles_under_load() {
         stop.store(true, Ordering::Relaxed);
     });
 }
-
-/// Allocates, frees and reallocates blocks of varying sizes until `stop`.
-fn churn_with_reallocs(seed: usize, stop: &AtomicBool) {
-    let mut pool: Vec<Vec<u8>> = Vec::new();
-    let mut i = seed;
-    while !stop.load(Ordering::Relaxed) {
-        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let size = 1 + (i >> 33) % 3000;
-        match (i >> 20) % 4 {
-            0 | 1 => pool.push(vec![i as u8; size]),
-            2 => {
-                if let Some(v) = pool.last_mut() {
-                    v.resize(v.len() + size, 1);
-                    v.shrink_to_fit();
-                }
-            }
-            _ => {
-                if !pool.is_empty() {
-                    let at = (i >> 40) % pool.len();
-                    pool.swap_remove(at);
-                }
-            }
-        }
-        if pool.len() > 256 {
-            pool.truncate(64);
-        }
-    }
-}

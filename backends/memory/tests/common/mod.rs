@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use onsite_core::pprof::{FunctionTotal, decode, function_totals, proto::Profile};
@@ -129,4 +130,32 @@ pub fn sample_types(profile: &Profile) -> (Vec<String>, String) {
         profile.sample_type.iter().map(|t| format!("{}/{}", s(t.r#type), s(t.unit))).collect(),
         s(profile.default_sample_type),
     )
+}
+
+/// Allocates, frees and reallocates blocks of varying sizes until `stop`.
+pub fn churn_with_reallocs(seed: usize, stop: &AtomicBool) {
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut i = seed;
+    while !stop.load(Ordering::Relaxed) {
+        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let size = 1 + (i >> 33) % 3000;
+        match (i >> 20) % 4 {
+            0 | 1 => pool.push(vec![i as u8; size]),
+            2 => {
+                if let Some(v) = pool.last_mut() {
+                    v.resize(v.len() + size, 1);
+                    v.shrink_to_fit();
+                }
+            }
+            _ => {
+                if !pool.is_empty() {
+                    let at = (i >> 40) % pool.len();
+                    pool.swap_remove(at);
+                }
+            }
+        }
+        if pool.len() > 256 {
+            pool.truncate(64);
+        }
+    }
 }
