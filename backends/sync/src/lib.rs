@@ -15,22 +15,28 @@
 //! ready.notify_all();
 //! ```
 //!
-//! The types are `lock_api` types over parking_lot's raw locks (see [`RawMutex`],
-//! [`RawRwLock`], [`RawCondvar`]), so every method, guard and mapped guard parking_lot has is
-//! here with the same behaviour: no poisoning, `try_lock_for`, upgradable reads, fair unlocks.
+//! The types are `lock_api` types over parking_lot's raw locks ([`RawRwLock`] wraps
+//! parking_lot's; [`RawMutex`] and [`RawCondvar`] are parking_lot's algorithm ported onto
+//! `parking_lot_core`), so every method, guard and mapped guard parking_lot has is here with
+//! the same behaviour: no poisoning, `try_lock_for`, upgradable reads, fair unlocks.
 //!
-//! While no capture runs, a lock or unlock costs parking_lot's plus one relaxed load (a
-//! global byte on lock, the lock's own waiter count on unlock). During a capture ([`MutexProfiler`], [`BlockProfiler`]) only contended
-//! operations do more: they time the wait, and (sampled) walk the stack as raw addresses,
-//! which are symbolised when the profile is written.
+//! While no capture runs, a `Mutex` lock or unlock is one atomic operation, as parking_lot's;
+//! an `RwLock` one costs parking_lot's plus one relaxed load. During a capture
+//! ([`MutexProfiler`], [`BlockProfiler`]) only contended operations do more: they time the
+//! wait, and (sampled) walk the stack as raw addresses, which are symbolised when the profile
+//! is written.
 
 mod profiler;
 mod raw;
+mod raw_condvar;
+mod raw_mutex;
 mod record;
 
 pub use parking_lot::lock_api;
 pub use profiler::{BlockProfiler, DEFAULT_BLOCK_RATE, DEFAULT_MUTEX_FRACTION, MutexProfiler};
-pub use raw::{RawCondvar, RawMutex, RawRwLock};
+pub use raw::RawRwLock;
+pub use raw_condvar::RawCondvar;
+pub use raw_mutex::RawMutex;
 
 /// A mutual exclusion lock (parking_lot's, recorded while a capture runs).
 pub type Mutex<T> = lock_api::Mutex<RawMutex, T>;

@@ -1,22 +1,20 @@
-//! The raw locks: parking_lot's, plus a waiter count and the recording slow paths.
+//! The raw reader-writer lock: parking_lot's, plus a waiter count and the recording slow paths.
 //!
 //! Every fast path is parking_lot's own, behind one relaxed load of [`record::active`]; the
 //! recording starts only when that says a capture runs and the lock was not free (or, on an
-//! unlock, when a registered waiter is queued behind it).
+//! unlock, when a registered waiter is queued behind it). (The mutex does better, with no
+//! load at all: see `raw_mutex.rs`.)
 
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use parking_lot::lock_api::{
-    self, RawMutex as _, RawMutexTimed as _, RawRwLock as _, RawRwLockTimed as _, RawRwLockUpgrade as _,
-    RawRwLockUpgradeTimed as _,
+    self, RawRwLock as _, RawRwLockTimed as _, RawRwLockUpgrade as _, RawRwLockUpgradeTimed as _,
 };
 
-use crate::record::{self, MUTEX};
-
-/// The guard state parking_lot's raw locks hand out (it decides whether guards are `Send`).
-type Guard = <parking_lot::RawMutex as lock_api::RawMutex>::Guard;
+use crate::raw_mutex::deadline;
+use crate::record::{self, MUTEX, WaiterCount};
 
 /// How many threads registered for the mutex profile are waiting for one lock.
 #[derive(Debug)]
@@ -27,14 +25,18 @@ impl Waiters {
         Waiters(AtomicU32::new(0))
     }
 
+    fn count(&self) -> WaiterCount<'_> {
+        WaiterCount { word: &self.0, unit: 1 }
+    }
+
     /// Runs `acquire` (which may block) as a recorded wait for the lock at `lock`.
     #[cold]
     #[inline(never)]
     fn wait<R>(&self, lock: usize, acquire: impl FnOnce() -> R) -> R {
-        let wait = record::begin_wait(lock, Some(&self.0));
+        let wait = record::begin_wait(lock, Some(self.count()));
         let result = acquire();
         if let Some(wait) = wait {
-            record::end_wait(wait, lock, Some(&self.0));
+            record::end_wait(wait, lock, Some(self.count()));
         }
         result
     }
@@ -60,224 +62,18 @@ impl Waiters {
         record::record_contention(charge);
         result
     }
-
-    /// Charges the waiters queued behind a critical section that ends without an unlock
-    /// call of ours (a `Condvar` wait releases the lock inside parking_lot).
-    #[inline(always)]
-    fn charge_now(&self, lock: usize) {
-        if record::active() & MUTEX != 0 && self.0.load(Relaxed) != 0 {
-            record::record_contention(record::charge_waiters(lock));
-        }
-    }
-}
-
-/// A deadline `timeout` from now, `None` when it cannot be represented (wait forever, as
-/// parking_lot does).
-fn deadline(timeout: Duration) -> Option<Instant> {
-    Instant::now().checked_add(timeout)
-}
-
-/// parking_lot's raw mutex, recording contention while a capture runs.
-pub struct RawMutex {
-    inner: parking_lot::RawMutex,
-    waiters: Waiters,
-}
-
-impl RawMutex {
-    fn addr(&self) -> usize {
-        std::ptr::from_ref(self).addr()
-    }
-
-    fn lock_until(&self, deadline: Option<Instant>) -> Option<Guard> {
-        if record::active() == 0 {
-            return match deadline {
-                Some(d) => self.inner.try_lock_until(d),
-                None => Some(self.inner.lock()),
-            };
-        }
-        self.inner.try_lock().or_else(|| {
-            self.waiters.wait(self.addr(), || match deadline {
-                Some(d) => self.inner.try_lock_until(d),
-                None => Some(self.inner.lock()),
-            })
-        })
-    }
-}
-
-impl std::fmt::Debug for RawMutex {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawMutex").field("locked", &self.inner.is_locked()).finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for RawRwLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawRwLock").field("locked", &self.inner.is_locked()).finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for RawCondvar {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawCondvar").finish_non_exhaustive()
-    }
-}
-
-// SAFETY: every operation is parking_lot's `RawMutex` operation on `inner`, which upholds the
-// trait's contract; the recording around them never touches the lock state.
-unsafe impl lock_api::RawMutex for RawMutex {
-    #[allow(clippy::declare_interior_mutable_const)]
-    const INIT: Self = RawMutex { inner: parking_lot::RawMutex::INIT, waiters: Waiters::new() };
-
-    type Guard = Guard;
-
-    #[inline]
-    fn lock(&self) -> Guard {
-        if record::active() == 0 {
-            return self.inner.lock();
-        }
-        match self.inner.try_lock() {
-            Some(guard) => guard,
-            None => self.waiters.wait(self.addr(), || self.inner.lock()),
-        }
-    }
-
-    #[inline]
-    fn try_lock(&self) -> Option<Guard> {
-        self.inner.try_lock()
-    }
-
-    #[inline]
-    unsafe fn unlock(&self, guard: Guard) {
-        // SAFETY: the caller holds the lock with `guard`, as `unlock` requires.
-        self.waiters.release(self.addr(), || unsafe { self.inner.unlock(guard) })
-    }
-
-    #[inline]
-    fn is_locked(&self) -> bool {
-        self.inner.is_locked()
-    }
-}
-
-// SAFETY: as for `RawMutex`: parking_lot's fair unlock and bump on `inner`.
-unsafe impl lock_api::RawMutexFair for RawMutex {
-    #[inline]
-    unsafe fn unlock_fair(&self, guard: Guard) {
-        // SAFETY: the caller holds the lock with `guard`.
-        self.waiters.release(self.addr(), || unsafe { self.inner.unlock_fair(guard) })
-    }
-
-    #[inline]
-    unsafe fn bump(&self, guard: &mut Guard) {
-        // SAFETY: the caller holds the lock with `guard`.
-        self.waiters.release(self.addr(), || unsafe { self.inner.bump(guard) })
-    }
-}
-
-// SAFETY: as for `RawMutex`: parking_lot's timed acquisitions on `inner`.
-unsafe impl lock_api::RawMutexTimed for RawMutex {
-    type Duration = Duration;
-    type Instant = Instant;
-
-    #[inline]
-    fn try_lock_for(&self, timeout: Duration) -> Option<Guard> {
-        if record::active() == 0 {
-            return self.inner.try_lock_for(timeout);
-        }
-        self.lock_until(deadline(timeout))
-    }
-
-    #[inline]
-    fn try_lock_until(&self, timeout: Instant) -> Option<Guard> {
-        self.lock_until(Some(timeout))
-    }
-}
-
-/// parking_lot's raw condition variable, recording waits (block profile) while a capture runs.
-pub struct RawCondvar {
-    inner: parking_lot::RawCondvar,
-}
-
-impl RawCondvar {
-    fn addr(&self) -> usize {
-        std::ptr::from_ref(self).addr()
-    }
-
-    /// Runs `wait` (which releases `mutex`, sleeps and re-locks it) as a recorded wait.
-    #[cold]
-    #[inline(never)]
-    fn recorded_wait<R>(&self, mutex: &RawMutex, wait: impl FnOnce() -> R) -> R {
-        // Waiting on a condvar ends the critical section: whoever queued behind it has waited
-        // for this thread.
-        mutex.waiters.charge_now(mutex.addr());
-        let noted = record::begin_wait(self.addr(), None);
-        let result = wait();
-        if let Some(noted) = noted {
-            record::end_wait(noted, self.addr(), None);
-        }
-        result
-    }
-}
-
-// SAFETY: every operation is parking_lot's `RawCondvar` operation on `inner`, given the inner
-// parking_lot mutex of our `RawMutex`, so the wait/notify/requeue protocol is parking_lot's.
-unsafe impl lock_api::RawCondvar for RawCondvar {
-    #[allow(clippy::declare_interior_mutable_const)]
-    const INIT: Self = RawCondvar { inner: parking_lot::RawCondvar::INIT };
-
-    type RawMutex = RawMutex;
-
-    #[inline]
-    unsafe fn wait(&self, mutex: &RawMutex, guard: &mut Guard) {
-        if record::active() == 0 {
-            // SAFETY: the caller holds `mutex` with `guard`; `inner` is its parking_lot mutex.
-            return unsafe { self.inner.wait(&mutex.inner, guard) };
-        }
-        // SAFETY: as above.
-        self.recorded_wait(mutex, || unsafe { self.inner.wait(&mutex.inner, guard) })
-    }
-
-    #[inline]
-    fn notify_one(&self) -> bool {
-        self.inner.notify_one()
-    }
-
-    #[inline]
-    fn notify_all(&self) -> usize {
-        self.inner.notify_all()
-    }
-}
-
-// SAFETY: as for `RawCondvar`: parking_lot's timed waits on `inner`.
-unsafe impl lock_api::RawCondvarTimed for RawCondvar {
-    fn checked_duration_to_instant(timeout: &Duration) -> Option<Instant> {
-        parking_lot::RawCondvar::checked_duration_to_instant(timeout)
-    }
-
-    #[inline]
-    unsafe fn wait_until(&self, mutex: &RawMutex, guard: &mut Guard, timeout: &Instant) -> bool {
-        if record::active() == 0 {
-            // SAFETY: the caller holds `mutex` with `guard`; `inner` is its parking_lot mutex.
-            return unsafe { self.inner.wait_until(&mutex.inner, guard, timeout) };
-        }
-        // SAFETY: as above.
-        self.recorded_wait(mutex, || unsafe { self.inner.wait_until(&mutex.inner, guard, timeout) })
-    }
-
-    #[inline]
-    unsafe fn wait_for(&self, mutex: &RawMutex, guard: &mut Guard, timeout: &Duration) -> bool {
-        if record::active() == 0 {
-            // SAFETY: the caller holds `mutex` with `guard`; `inner` is its parking_lot mutex.
-            return unsafe { self.inner.wait_for(&mutex.inner, guard, timeout) };
-        }
-        // SAFETY: as above.
-        self.recorded_wait(mutex, || unsafe { self.inner.wait_for(&mutex.inner, guard, timeout) })
-    }
 }
 
 /// parking_lot's raw reader-writer lock, recording contention while a capture runs.
 pub struct RawRwLock {
     inner: parking_lot::RawRwLock,
     waiters: Waiters,
+}
+
+impl std::fmt::Debug for RawRwLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawRwLock").field("locked", &self.inner.is_locked()).finish_non_exhaustive()
+    }
 }
 
 type SharedGuard = <parking_lot::RawRwLock as lock_api::RawRwLock>::SharedGuard;

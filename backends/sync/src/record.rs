@@ -1,7 +1,7 @@
 //! What the locks record while a capture runs, and how little they do while none does.
 //!
-//! The lock fast paths read one global byte, [`active`]. Everything else here runs only on a
-//! slow path (a thread about to wait, or an unlock that others are waiting for) of a lock
+//! The mutex's fast paths read nothing here; the `RwLock` fast paths read one global byte,
+//! [`active`], as do the mutex's slow paths. Everything else here runs only on a slow path (a thread about to wait, or an unlock that others are waiting for) of a lock
 //! whose profile is being captured.
 //!
 //! Mutex profile bookkeeping: a thread that waits registers itself in [`WAITERS`] under the
@@ -22,9 +22,9 @@ pub(crate) const MUTEX: u8 = 1;
 /// Bit of [`ACTIVE`]: a block profile is being captured.
 pub(crate) const BLOCK: u8 = 2;
 
-/// Which profiles are being captured: the only thing the lock fast paths read. On a cache
-/// line of its own, so no often-written neighbour (another crate's counter, say) makes every
-/// lock operation miss the cache.
+/// Which profiles are being captured: the only thing the `RwLock` fast paths read (the mutex
+/// reads it only on its slow paths). On a cache line of its own, so no often-written
+/// neighbour (another crate's counter, say) makes every lock operation miss the cache.
 static ACTIVE: CacheLine = CacheLine(AtomicU8::new(0));
 
 #[repr(align(64))]
@@ -197,6 +197,14 @@ fn shard(lock: usize) -> &'static parking_lot::Mutex<Vec<Waiter>> {
     &WAITERS[((lock >> 4) ^ (lock >> 12)) % SHARDS]
 }
 
+/// Where a lock counts the waiters registered for the mutex profile: `unit` per waiter in
+/// `word` (a lock can keep the count in the bits above its own state).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WaiterCount<'a> {
+    pub(crate) word: &'a AtomicU32,
+    pub(crate) unit: u32,
+}
+
 /// A wait in progress, as [`begin_wait`] noted it.
 #[derive(Debug)]
 pub(crate) struct Wait {
@@ -211,7 +219,7 @@ pub(crate) struct Wait {
 /// `None` for waits the mutex profile does not charge (a `Condvar` wait).
 #[cold]
 #[inline(never)]
-pub(crate) fn begin_wait(lock: usize, waiters: Option<&AtomicU32>) -> Option<Wait> {
+pub(crate) fn begin_wait(lock: usize, waiters: Option<WaiterCount<'_>>) -> Option<Wait> {
     let active = active();
     let register = active & MUTEX != 0 && waiters.is_some();
     let block = active & BLOCK != 0;
@@ -225,7 +233,7 @@ pub(crate) fn begin_wait(lock: usize, waiters: Option<&AtomicU32>) -> Option<Wai
                 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
                 let id = NEXT_ID.fetch_add(1, Relaxed);
                 shard(lock).lock().push(Waiter { lock, id, charged_until: start });
-                waiters.fetch_add(1, Relaxed);
+                waiters.word.fetch_add(waiters.unit, Relaxed);
                 Some(id)
             }
             _ => None,
@@ -238,12 +246,12 @@ pub(crate) fn begin_wait(lock: usize, waiters: Option<&AtomicU32>) -> Option<Wai
 /// Notes that the wait `wait` (from [`begin_wait`]) for `lock` is over.
 #[cold]
 #[inline(never)]
-pub(crate) fn end_wait(wait: Wait, lock: usize, waiters: Option<&AtomicU32>) {
+pub(crate) fn end_wait(wait: Wait, lock: usize, waiters: Option<WaiterCount<'_>>) {
     let _ = recording(|| {
         let waited = now_ns().saturating_sub(wait.start).max(1);
         if let (Some(id), Some(waiters)) = (wait.registered, waiters) {
             shard(lock).lock().retain(|w| w.id != id);
-            waiters.fetch_sub(1, Relaxed);
+            waiters.word.fetch_sub(waiters.unit, Relaxed);
         }
         if let Some(since) = wait.block_since {
             record_block(since, waited);

@@ -110,6 +110,70 @@ fn unlocked_and_fair_unlock() {
     assert_eq!(*m.lock(), 1);
 }
 
+/// Threads parked behind the lock get it handed over by fair unlocks and bumps; no update and
+/// no wakeup is lost.
+fn fair_unlocks_and_bumps_hand_over_to_waiters() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 300;
+    let m = Arc::new(Mutex::new(0));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let m = m.clone();
+            thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    let mut guard = m.lock();
+                    *guard += 1;
+                    MutexGuard::bump(&mut guard);
+                    *guard += 1;
+                    MutexGuard::unlock_fair(guard);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(*m.lock(), 2 * THREADS * ROUNDS);
+}
+
+/// `notify_all` while the mutex is held requeues the waiters onto the mutex; fair unlocks then
+/// hand it to each of them in turn (the Condvar's handoff path).
+fn condvar_waiters_requeued_get_the_lock_by_fair_unlocks() {
+    const N: usize = 4;
+    // (waiting, released, done)
+    let data = Arc::new((Mutex::new((0, false, 0)), Condvar::new()));
+    let threads: Vec<_> = (0..N)
+        .map(|_| {
+            let data = data.clone();
+            thread::spawn(move || {
+                let (lock, cond) = &*data;
+                let mut state = lock.lock();
+                state.0 += 1;
+                while !state.1 {
+                    cond.wait(&mut state);
+                }
+                state.2 += 1;
+                MutexGuard::unlock_fair(state);
+            })
+        })
+        .collect();
+    let (lock, cond) = &*data;
+    // A waiter releases the lock only by waiting, so once all have counted themselves under
+    // the lock, all are waiting.
+    let mut state = lock.lock();
+    while state.0 != N {
+        MutexGuard::unlocked(&mut state, thread::yield_now);
+    }
+    state.1 = true;
+    assert_eq!(cond.notify_all(), N);
+    MutexGuard::unlock_fair(state);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(lock.lock().2, N);
+    assert_eq!(cond.notify_all(), 0);
+}
+
 fn rwlock_readers_share_writers_exclude() {
     let l = RwLock::new(0);
     let (r1, r2) = (l.read(), l.read());
@@ -268,6 +332,8 @@ const ALL: &[(&str, fn())] = &[
     ("no_poisoning_after_a_panic_while_locked", no_poisoning_after_a_panic_while_locked),
     ("mapped_guards_and_into_inner", mapped_guards_and_into_inner),
     ("unlocked_and_fair_unlock", unlocked_and_fair_unlock),
+    ("fair_unlocks_and_bumps_hand_over_to_waiters", fair_unlocks_and_bumps_hand_over_to_waiters),
+    ("condvar_waiters_requeued_get_the_lock_by_fair_unlocks", condvar_waiters_requeued_get_the_lock_by_fair_unlocks),
     ("rwlock_readers_share_writers_exclude", rwlock_readers_share_writers_exclude),
     ("rwlock_upgradable_reads", rwlock_upgradable_reads),
     ("rwlock_frob", rwlock_frob),
