@@ -37,6 +37,42 @@ fn child_allocating_service() {
     }
 }
 
+/// A service with its own SIGTERM handler (through signal-hook, as tokio's signal handling is):
+/// it exits with code 42 when its handler has seen SIGTERM.
+#[test]
+#[ignore = "child process role"]
+fn child_service_with_its_own_sigterm_handler() {
+    if role().as_deref() != Some("child_service_with_its_own_sigterm_handler") {
+        return;
+    }
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
+    let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGTERM, std::sync::Arc::clone(&term)).unwrap();
+    let onsite = onsite::install().unwrap();
+    support::announce_ready();
+    while !term.load(std::sync::atomic::Ordering::Relaxed) {
+        support::burn_cpu_in_a_known_function(100_000);
+    }
+    tracing::info!("the service's own SIGTERM handler ran; shutting down gracefully");
+    onsite.shutdown();
+    std::process::exit(42);
+}
+
+#[test]
+fn sigterm_during_a_capture_still_reaches_the_services_own_handler() {
+    let dir = tempdir();
+    let mut service = Service::start("child_service_with_its_own_sigterm_handler", dir.path(), &cpu_only());
+    service.signal(libc::SIGUSR2);
+    service.wait_for_log("capture started", DEADLINE);
+    std::thread::sleep(Duration::from_millis(300));
+    service.signal(libc::SIGTERM);
+    let status = service.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(42), "the service's handler decided how to end: {status:?}\n{}", service.log_text());
+    let files = files_ending_with(dir.path(), ".pprof");
+    assert_eq!(files.len(), 1, "the capture was written first: {files:?}");
+    decode(&std::fs::read(&files[0]).unwrap()).unwrap();
+}
+
 #[test]
 fn usr2_twice_writes_a_cpu_profile_naming_the_hot_function() {
     let dir = tempdir();
