@@ -5,9 +5,7 @@
 mod common;
 
 use std::hint::black_box;
-use std::io::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -149,23 +147,7 @@ const CYCLES: usize = 30;
 #[ignore = "child role"]
 fn child_cycles_under_load() {
     let Some(dir) = child_role("child_cycles_under_load") else { return };
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        for worker in 0..4 {
-            let stop = &stop;
-            s.spawn(move || churn_with_reallocs(worker, stop));
-        }
-        s.spawn(|| {
-            let mut line = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let mut err = std::io::stderr().lock();
-                let text = format!("writer line {line} {:?}", vec![line; 4]);
-                let _ = writeln!(err, "{text}");
-                drop(err);
-                line += 1;
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        });
+    under_churn_and_stderr_load(|| {
         // Alternate a tiny mean (tables under pressure) with the default.
         for cycle in 0..CYCLES {
             progress(&dir, &format!("cycle {cycle}"));
@@ -176,6 +158,5 @@ fn child_cycles_under_load() {
             });
         }
         progress(&dir, "done");
-        stop.store(true, Ordering::Relaxed);
     });
 }

@@ -159,3 +159,30 @@ pub fn churn_with_reallocs(seed: usize, stop: &AtomicBool) {
         }
     }
 }
+
+/// Runs `body` while 4 threads allocate, free and reallocate and one more writes to stderr,
+/// allocating while it holds the stderr lock (the dhat#33 deadlock's ingredients).
+pub fn under_churn_and_stderr_load(body: impl FnOnce()) {
+    use std::io::Write as _;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let stop = &stop;
+            s.spawn(move || churn_with_reallocs(worker, stop));
+        }
+        s.spawn(|| {
+            let mut line = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut err = std::io::stderr().lock();
+                // Allocates while holding the stderr lock.
+                let text = format!("writer line {line} {:?}", vec![line; 4]);
+                let _ = writeln!(err, "{text}");
+                drop(err);
+                line += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        body();
+        stop.store(true, Ordering::Relaxed);
+    });
+}
