@@ -3,13 +3,14 @@
 //! sampled capture that holds ~2000 live sampled blocks (so frees meet a busy sample table, as in
 //! a service with a large heap), and during a dhat capture.
 //!
-//! `cargo bench -p onsite-memory` — the headline: throughput ratios, all in one run. The setups
-//! run in interleaved rounds (each round runs every setup once, in an order rotated round by
-//! round so none always runs first or right after dhat); each setup's ratio is taken against
-//! `System` *in the same round*, and the report gives the median of those per-round ratios and
-//! their spread (quartiles, min–max). Load from other processes comes and goes over seconds;
-//! within one round (~1.5 s) it hits every setup about alike, so per-round ratios cancel most
-//! of it, and the median drops the rounds it did not.
+//! `cargo bench -p onsite-memory` — the headline: throughput ratios, all in one run. Each setup
+//! is measured *beside* `System`: with the setup's capture running, the two take turns in 25 ms
+//! slices (8 of each per round, which goes first alternating), so every ratio compares runs
+//! milliseconds apart. `System`'s loop never calls onsite's allocator, so a running capture
+//! does not touch its slices. Rounds visit the setups in an order rotated round by round; the
+//! report gives the median of the per-round ratios and their spread (quartiles, min–max).
+//! Load from other processes comes and goes over seconds, so it hits both sides of a pair about
+//! alike; the median drops the rounds it did not.
 //!
 //! `cargo bench -p onsite-memory -- --instructions` — a supporting, noise-free view: re-runs
 //! this binary under `valgrind --tool=callgrind` once per setup (one thread, a fixed number of
@@ -17,13 +18,14 @@
 //! free included). Instructions are not time (cache misses and contention do not show), so this
 //! explains the throughput figures; it does not replace them.
 //!
-//! `ONSITE_BENCH_ROUNDS` (default 15) and `ONSITE_BENCH_ROUND_MS` (default 200) change the run;
+//! `ONSITE_BENCH_ROUNDS` (default 15) and `ONSITE_BENCH_ROUND_MS` (default 200: a setup's time per
+//! round, and System's as much again) change the run;
 //! `ONSITE_BENCH_SAMPLE_BYTES` the sampled captures' mean (default 524288; the setups' names and
 //! the ballast stay as they are), to separate the per-call cost from the per-sample cost.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler, Stopper};
@@ -34,7 +36,10 @@ static ALLOC: Allocator = Allocator::new();
 
 const THREADS: usize = 2;
 const ROUNDS: usize = 15;
+/// Time a setup runs per round (and System as long again, in the slices beside it).
 const ROUND_MS: u64 = 200;
+/// Slices of each per setup and round (see `paired_round`): 10 ms each by default.
+const SLICES: usize = 20;
 /// Live blocks per thread: each step frees the oldest and allocates a new one.
 const RING: usize = 64;
 /// Memory the `SampledBusy` setup keeps live, allocated during the capture: about
@@ -154,32 +159,104 @@ fn thread_cpu_time() -> Duration {
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
-/// One round of one setup: `THREADS` threads running `churn` for `length` of wall time.
+/// What one slice did: operations, and the wall and CPU time they took.
 #[derive(Clone, Copy)]
-struct Rate {
-    /// Operations per second of wall time, all threads together.
-    wall: f64,
-    /// Operations per second of CPU time the threads actually ran.
-    cpu: f64,
+struct Slice {
+    ops: u64,
+    /// Wall time of the slice (all threads ran in parallel within it).
+    wall: Duration,
+    /// CPU time the threads actually ran, summed.
+    cpu: Duration,
 }
 
-fn round(setup: Setup, length: Duration) -> Rate {
-    let barrier = Barrier::new(THREADS);
-    let (ops, cpu) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..THREADS)
+impl Slice {
+    /// Operations per second of CPU time the threads actually ran.
+    fn per_cpu(&self) -> f64 {
+        self.ops as f64 / self.cpu.as_secs_f64()
+    }
+
+    /// Operations per second of wall time, all threads together.
+    fn per_wall(&self) -> f64 {
+        self.ops as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// The `THREADS` threads that run the loop, for the whole benchmark. Long-lived like a
+/// service's threads: each keeps its malloc arena, tcache and heap layout from slice to slice.
+/// (Threads spawned per slice got their arenas reassigned every time, sometimes sharing one,
+/// and that arena-lock contention came and went from slice to slice.)
+struct Workers {
+    orders: Vec<mpsc::Sender<(Setup, Duration)>>,
+    results: mpsc::Receiver<(u64, Duration)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start() -> Workers {
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let (report, results) = mpsc::channel();
+        let (orders, threads) = (0..THREADS)
             .map(|t| {
-                let barrier = &barrier;
-                s.spawn(move || {
-                    barrier.wait();
-                    let cpu_before = thread_cpu_time();
-                    let ops = run_churn(setup, t + 1, Until::Time(Instant::now() + length));
-                    (ops, thread_cpu_time() - cpu_before)
-                })
+                let (order, orders) = mpsc::channel::<(Setup, Duration)>();
+                let (barrier, report) = (barrier.clone(), report.clone());
+                let thread = std::thread::spawn(move || {
+                    for (setup, length) in orders {
+                        barrier.wait();
+                        let cpu_before = thread_cpu_time();
+                        let ops = run_churn(setup, t + 1, Until::Time(Instant::now() + length));
+                        report.send((ops, thread_cpu_time() - cpu_before)).unwrap();
+                    }
+                });
+                (order, thread)
             })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).fold((0u64, Duration::ZERO), |a, b| (a.0 + b.0, a.1 + b.1))
-    });
-    Rate { wall: ops as f64 / length.as_secs_f64(), cpu: ops as f64 / cpu.as_secs_f64() }
+            .unzip();
+        Workers { orders, results, threads }
+    }
+
+    /// One slice: every thread runs `churn` under `setup` for `length` of wall time.
+    fn slice(&self, setup: Setup, length: Duration) -> Slice {
+        for order in &self.orders {
+            order.send((setup, length)).unwrap();
+        }
+        let (ops, cpu) = (0..THREADS)
+            .map(|_| self.results.recv().unwrap())
+            .fold((0u64, Duration::ZERO), |a, b| (a.0 + b.0, a.1 + b.1));
+        Slice { ops, wall: length, cpu }
+    }
+
+    fn stop(self) {
+        drop(self.orders);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// One round of one setup: with the setup's capture running, `System` and the setup take turns
+/// in `SLICES` short slices each (which goes first alternates), so the two are measured within
+/// milliseconds of each other. `System`'s loop never calls onsite's allocator, so the capture
+/// does not touch its slices. Returns (System's slices, the setup's slices).
+fn paired_round(
+    workers: &Workers,
+    setup: Setup,
+    length: Duration,
+    round: usize,
+    dir: &std::path::Path,
+) -> (Vec<Slice>, Vec<Slice>) {
+    let (stopper, ballast) = start(setup);
+    let length = length / SLICES as u32;
+    let (mut system, mut other) = (Vec::new(), Vec::new());
+    for i in 0..SLICES {
+        if (i + round).is_multiple_of(2) {
+            system.push(workers.slice(Setup::System, length));
+            other.push(workers.slice(setup, length));
+        } else {
+            other.push(workers.slice(setup, length));
+            system.push(workers.slice(Setup::System, length));
+        }
+    }
+    stop(stopper, ballast, dir);
+    (system, other)
 }
 
 /// Starts the capture `setup` runs under (and its ballast), or nothing.
@@ -214,13 +291,6 @@ fn rand_suffix() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
-fn measure(setup: Setup, dir: &std::path::Path, length: Duration) -> Rate {
-    let (stopper, ballast) = start(setup);
-    let rate = round(setup, length);
-    stop(stopper, ballast, dir);
-    rate
-}
-
 /// The value at quantile `q` (nearest rank) of sorted `v`.
 fn quantile(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
@@ -236,12 +306,11 @@ fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
 }
 
-/// Median [quartiles] (min–max) of `values`, as table cells.
-fn spread(mut values: Vec<f64>) -> String {
-    values.sort_by(f64::total_cmp);
+/// Quartiles and min–max of `values`, as table cells.
+fn spread(values: Vec<f64>) -> String {
+    let values = sorted(values.into_iter());
     format!(
-        "{:.3} | {:.3}–{:.3} | {:.3}–{:.3}",
-        quantile(&values, 0.5),
+        "{:.3}–{:.3} | {:.3}–{:.3}",
         quantile(&values, 0.25),
         quantile(&values, 0.75),
         values[0],
@@ -255,38 +324,81 @@ fn throughput(quick: bool) {
     let length = Duration::from_millis(if quick { 20 } else { env_number("ONSITE_BENCH_ROUND_MS", ROUND_MS) });
     let dir = tempfile::tempdir().unwrap();
     let load_before = load_average();
+    let workers = Workers::start();
     // Warm-up: the allocator's arenas, the sample tables' pages, the code.
-    for &setup in &SETUPS[..SETUPS.len() - 1] {
-        measure(setup, dir.path(), length / 2);
+    for &setup in &SETUPS[1..SETUPS.len() - 1] {
+        paired_round(&workers, setup, length / 4, 0, dir.path());
     }
-    let mut rates: Vec<Vec<Rate>> = vec![Vec::new(); SETUPS.len()];
+    let measured = &SETUPS[1..];
+    // Per measured setup: (System's slices, the setup's slices), over all rounds, and the
+    // ratio of their medians in each round.
+    let mut slices_of = vec![(Vec::new(), Vec::new()); measured.len()];
+    let mut round_ratios_of = vec![Vec::new(); measured.len()];
     for r in 0..rounds {
-        for k in 0..SETUPS.len() {
-            let i = (r + k) % SETUPS.len();
-            rates[i].push(measure(SETUPS[i], dir.path(), length));
+        for k in 0..measured.len() {
+            let i = (r + k) % measured.len();
+            let (system, other) = paired_round(&workers, measured[i], length, r, dir.path());
+            round_ratios_of[i]
+                .push(median(other.iter().map(Slice::per_cpu)) / median(system.iter().map(Slice::per_cpu)));
+            slices_of[i].0.extend(system);
+            slices_of[i].1.extend(other);
         }
     }
+    workers.stop();
     println!(
-        "allocation loop, {THREADS} threads, {rounds} interleaved rounds of {length:?} per setup; \
-         load average before {load_before}, after {}",
+        "allocation loop, {THREADS} threads, {rounds} rounds; per round and setup, {SLICES} slices of {:?} of \
+         the setup alternating with {SLICES} of System; load average before {load_before}, after {}",
+        length / SLICES as u32,
         load_average()
     );
-    println!("ratio = this setup's throughput / System's in the same round; median, quartiles and min–max over rounds");
+    println!(
+        "ratio = median of the setup's slices / median of System's slices beside them; also the same \
+         at the 75th percentile, and the quartiles and min–max of the ratio taken per round"
+    );
     println!();
     for (title, per_cpu) in [("per CPU-second the threads ran (headline)", true), ("per wall-clock second", false)] {
-        let pick = |r: &Rate| if per_cpu { r.cpu } else { r.wall };
+        let pick = |s: &Slice| if per_cpu { s.per_cpu() } else { s.per_wall() };
         println!("throughput {title}:");
         println!();
-        println!("| setup | ops/s (median) | ratio to System | quartiles | min–max |");
-        println!("| --- | ---: | ---: | ---: | ---: |");
-        for (i, setup) in SETUPS.iter().enumerate() {
-            let ratios: Vec<f64> = rates[i].iter().zip(&rates[0]).map(|(r, base)| pick(r) / pick(base)).collect();
-            let mut own: Vec<f64> = rates[i].iter().map(pick).collect();
-            own.sort_by(f64::total_cmp);
-            println!("| {} | {:.2e} | {} |", setup.name(), quantile(&own, 0.5), spread(ratios));
+        println!("| setup | ops/s (median) | ratio to System | at p75 | per round: quartiles | min–max |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        let all_system = slices_of.iter().flat_map(|(system, _)| system.iter().map(pick));
+        println!("| {} | {:.2e} | 1 | 1 | | |", Setup::System.name(), median(all_system));
+        for (i, setup) in measured.iter().enumerate() {
+            let (system, other) = &slices_of[i];
+            let system: Vec<f64> = sorted(system.iter().map(pick));
+            let other: Vec<f64> = sorted(other.iter().map(pick));
+            let rounds = if per_cpu {
+                round_ratios_of[i].clone()
+            } else {
+                // Per-round ratios of wall-clock medians, recomputed from the slices.
+                let (s, o) = (&slices_of[i].0, &slices_of[i].1);
+                s.chunks(SLICES)
+                    .zip(o.chunks(SLICES))
+                    .map(|(s, o)| median(o.iter().map(pick)) / median(s.iter().map(pick)))
+                    .collect()
+            };
+            println!(
+                "| {} | {:.2e} | **{:.3}** | {:.3} | {} |",
+                setup.name(),
+                quantile(&other, 0.5),
+                quantile(&other, 0.5) / quantile(&system, 0.5),
+                quantile(&other, 0.75) / quantile(&system, 0.75),
+                spread(rounds)
+            );
         }
         println!();
     }
+}
+
+fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    quantile(&sorted(values), 0.5)
 }
 
 /// Runs under callgrind: one setup, one thread, `COUNTED_OPS` operations inside `churn`.

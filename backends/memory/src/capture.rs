@@ -69,7 +69,7 @@ pub struct MemoryProfiler {
 
 impl MemoryProfiler {
     /// A profiler in `mode`; `sample_bytes` is the sampled mode's mean interval (at least 1, at
-    /// most 4 GiB).
+    /// most 1 TiB).
     pub fn new(mode: MemoryMode, sample_bytes: u64) -> Self {
         MemoryProfiler { mode, sample_bytes: sample_bytes.max(1) }
     }

@@ -22,7 +22,7 @@ use std::time::{Instant, SystemTime};
 
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Stopper};
 
-use crate::{IN_FLIGHT, MODE, heap_pprof, mode};
+use crate::{MODE, heap_pprof, in_flight, mode};
 
 /// Frames dhat keeps per stack. dhat's default (10) often ends inside `Vec`'s growth code in a
 /// debug build, before the service's own function.
@@ -38,7 +38,7 @@ pub(crate) struct DhatStopper {
 
 /// Starts a dhat capture; the caller has claimed the mode (it is `PROBE`).
 pub(crate) fn start() -> DhatStopper {
-    debug_assert_eq!(IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst), 0);
+    debug_assert!(in_flight::none());
     let profiler = dhat::Profiler::builder().trim_backtraces(Some(MAX_FRAMES)).build();
     let stopper = DhatStopper { profiler: Some(profiler), started: SystemTime::now(), clock: Instant::now() };
     MODE.store(mode::DHAT, std::sync::atomic::Ordering::SeqCst);
@@ -50,7 +50,7 @@ impl DhatStopper {
     fn finish(&mut self) -> String {
         use std::sync::atomic::Ordering;
         MODE.store(mode::DRAINING, Ordering::SeqCst);
-        crate::wait_for_in_flight();
+        in_flight::wait_until_none();
         let report = match self.profiler.take() {
             Some(mut profiler) => {
                 let report = profiler.drop_and_get_memory_output();

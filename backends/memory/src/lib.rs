@@ -23,7 +23,7 @@
 //! when it stopped.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 mod capture;
 mod dhat_mode;
@@ -37,16 +37,105 @@ pub use capture::{DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler, UnknownMode}
 /// one of the [`mode`] constants; during a sampled capture the upper 24 bits hold the capture's
 /// generation (see `sampled`), so the sampled fast path learns both from this one load. `OFF`
 /// is the whole word 0.
-static MODE: AtomicU32 = AtomicU32::new(mode::OFF);
+///
+/// Every allocator call of every thread reads this word, so it has a cache line to itself:
+/// a counter written beside it (an `in_flight` count at each sample) would make all the other cores
+/// miss on their next call.
+static MODE: CacheLine<AtomicU32> = CacheLine(AtomicU32::new(mode::OFF));
 
-/// Calls into `dhat::Alloc` (or into the sampler's tables) that have started and not finished.
-/// A stop switches [`MODE`] away and then waits for this to reach zero, so nothing touches the
-/// capture's state after the stop took it (see `dhat_mode` and `sampled`).
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+/// A value alone in its (pair of adjacent) cache line(s): x86 prefetches lines in pairs.
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
 
 /// Set by any allocation routed through [`Allocator`] while [`MODE`] is `PROBE`: proof that it
 /// is the process's global allocator.
 static PROBE_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// Calls into `dhat::Alloc` (or into the sampler's tables) that have started and not finished.
+/// A stop switches [`MODE`] away and then waits until none is left, so nothing touches the
+/// capture's state after the stop took it (see `dhat_mode` and `sampled`).
+///
+/// Counted in stripes, one cache line each, a thread always in the same stripe: a sampled
+/// capture enters twice per sample from every thread, and one shared counter would bounce
+/// between the cores each time.
+mod in_flight {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::{CacheLine, MODE};
+
+    const STRIPES: usize = 16;
+    static COUNTS: [CacheLine<AtomicUsize>; STRIPES] = [const { CacheLine(AtomicUsize::new(0)) }; STRIPES];
+    static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        /// This thread's number (see `thread_number`), `usize::MAX` until asked.
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+
+    /// Proof that the calling thread is counted; dropping it ends the count.
+    #[derive(Debug)]
+    pub(crate) struct Entered(usize);
+
+    impl Drop for Entered {
+        fn drop(&mut self) {
+            COUNTS[self.0].fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Counts this call and checks that the `MODE` word still satisfies `wanted`; `None` (not
+    /// counted) if not, and the caller stays away from the capture's state. The SeqCst
+    /// increment-then-check pairs with the stop's SeqCst store-then-wait: either the stop sees
+    /// this call counted and waits for it, or this call sees the new mode.
+    #[inline]
+    pub(crate) fn enter(wanted: impl FnOnce(u32) -> bool) -> Option<Entered> {
+        let stripe = thread_number() % STRIPES;
+        COUNTS[stripe].fetch_add(1, Ordering::SeqCst);
+        let entered = Entered(stripe);
+        wanted(MODE.load(Ordering::SeqCst)).then_some(entered)
+    }
+
+    /// Waits until no call is counted. Those calls only ever wait for each other (dhat's
+    /// lock), never for the control thread, so this ends. A stripe seen at zero may be entered
+    /// again only by a call that then sees the new mode and leaves at once.
+    pub(crate) fn wait_until_none() {
+        let started = std::time::Instant::now();
+        let mut warned = false;
+        while COUNTS.iter().any(|count| count.load(Ordering::SeqCst) != 0) {
+            std::thread::yield_now();
+            if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
+                warned = true;
+                tracing::warn!("onsite: memory capture stop is still waiting for allocations in progress");
+            }
+        }
+    }
+
+    /// A small number for the calling thread, handed out in turn on first use (also its
+    /// stripe, modulo the stripe count); other per-thread spreading (the stack walker's cache
+    /// slots) uses it too.
+    #[inline]
+    pub(crate) fn thread_number() -> usize {
+        STRIPE.with(|cell| {
+            if cell.get() == usize::MAX {
+                cell.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
+            }
+            cell.get()
+        })
+    }
+
+    /// Whether no call is counted (for assertions).
+    pub(crate) fn none() -> bool {
+        COUNTS.iter().all(|count| count.load(Ordering::SeqCst) == 0)
+    }
+}
 
 mod mode {
     /// No capture: straight to `System`.
@@ -83,7 +172,7 @@ impl Allocator {
 
 // Each method: one relaxed load; `OFF` goes straight to `System`. Anything else goes to
 // `routed`, whose sampled common case is inlined here too (a thread-local countdown on
-// allocation, one table check on free) and whose other paths are out of line.
+// allocation, one filter byte on free) and whose other paths are out of line.
 //
 // SAFETY: every path hands the call to `System` (directly, through `dhat::Alloc`, which wraps
 // `System`, or after the sampler's bookkeeping), with the caller's pointer and layout unchanged,
@@ -92,7 +181,7 @@ unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let word = MODE.load(Ordering::Relaxed);
-        if word == mode::OFF {
+        if word == mode::OFF || sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
             return unsafe { System.alloc(layout) };
         }
@@ -103,7 +192,7 @@ unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let word = MODE.load(Ordering::Relaxed);
-        if word == mode::OFF {
+        if word == mode::OFF || sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
             return unsafe { System.alloc_zeroed(layout) };
         }
@@ -139,25 +228,11 @@ unsafe impl GlobalAlloc for Allocator {
 mod routed {
     use super::*;
 
-    /// Counts this call in [`IN_FLIGHT`] and tells whether the mode is still `DHAT`; on `true`
-    /// the caller goes through dhat and then calls [`leave_dhat`], on `false` it stays away
-    /// from dhat. The SeqCst increment-then-check pairs with the stop's SeqCst
-    /// store-then-wait: either the stop sees this call in flight and waits for it, or this call
-    /// sees the new mode.
+    /// Counts this call as in flight if the mode is still `DHAT`; the caller goes through dhat
+    /// only while holding the result, and stays away from it on `None`.
     #[inline(always)]
-    fn enter_dhat() -> bool {
-        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-        if MODE.load(Ordering::SeqCst) == mode::DHAT {
-            true
-        } else {
-            IN_FLIGHT.fetch_sub(1, Ordering::Release);
-            false
-        }
-    }
-
-    #[inline(always)]
-    fn leave_dhat() {
-        IN_FLIGHT.fetch_sub(1, Ordering::Release);
+    fn enter_dhat() -> Option<in_flight::Entered> {
+        in_flight::enter(|word| word == mode::DHAT)
     }
 
     /// `System`'s allocation, zeroed or not.
@@ -167,28 +242,17 @@ mod routed {
         unsafe { if zeroed { System.alloc_zeroed(layout) } else { System.alloc(layout) } }
     }
 
-    #[inline(always)]
-    pub(super) unsafe fn alloc(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
-        if mode::of(word) == mode::SAMPLED && sampled::count_down(word, layout.size()) {
-            // SAFETY: forwarded as received.
-            return unsafe { system_alloc(layout, zeroed) };
-        }
-        // SAFETY: forwarded as received.
-        unsafe { alloc_other(word, layout, zeroed) }
-    }
-
-    /// Everything but the sampled common case: a sampled allocation, dhat, the probe.
+    /// Everything but the sampled common case (which [`sampled::count_down`] settled inline):
+    /// a maybe-sampled allocation, dhat, the probe.
     #[cold]
     #[inline(never)]
-    unsafe fn alloc_other(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+    pub(super) unsafe fn alloc(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
         match mode::of(word) {
             // SAFETY: forwarded as received.
             mode::SAMPLED => unsafe { sampled::alloc_past_budget(word, layout, zeroed) },
-            mode::DHAT if enter_dhat() => {
+            mode::DHAT if let Some(_entered) = enter_dhat() => {
                 // SAFETY: forwarded as received; dhat allocates from `System`.
-                let ptr = unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } };
-                leave_dhat();
-                ptr
+                unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } }
             }
             mode => {
                 if mode == mode::PROBE {
@@ -215,11 +279,11 @@ mod routed {
     #[cold]
     #[inline(never)]
     unsafe fn dealloc_other(word: u32, ptr: *mut u8, layout: Layout) {
-        if word == mode::DHAT && enter_dhat() {
+        if word == mode::DHAT
+            && let Some(_entered) = enter_dhat()
+        {
             // SAFETY: forwarded as received; dhat ignores blocks it never recorded.
-            unsafe { dhat::Alloc.dealloc(ptr, layout) };
-            leave_dhat();
-            return;
+            return unsafe { dhat::Alloc.dealloc(ptr, layout) };
         }
         // SAFETY: forwarded as received.
         unsafe { System.dealloc(ptr, layout) }
@@ -246,11 +310,11 @@ mod routed {
     #[cold]
     #[inline(never)]
     unsafe fn realloc_other(word: u32, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if word == mode::DHAT && enter_dhat() {
+        if word == mode::DHAT
+            && let Some(_entered) = enter_dhat()
+        {
             // SAFETY: forwarded as received; a block dhat never saw is recorded as new.
-            let new = unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
-            leave_dhat();
-            return new;
+            return unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
         }
         if word == mode::PROBE {
             PROBE_SEEN.store(true, Ordering::Relaxed);
@@ -274,19 +338,5 @@ fn claim_and_probe() -> Result<(), bool> {
     } else {
         MODE.store(mode::OFF, Ordering::SeqCst);
         Err(false)
-    }
-}
-
-/// Waits until no call counted in [`IN_FLIGHT`] is left. Those calls only ever wait for each
-/// other (dhat's lock), never for the control thread, so this ends.
-fn wait_for_in_flight() {
-    let started = std::time::Instant::now();
-    let mut warned = false;
-    while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
-        std::thread::yield_now();
-        if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
-            warned = true;
-            tracing::warn!("onsite: memory capture stop is still waiting for allocations in progress");
-        }
     }
 }

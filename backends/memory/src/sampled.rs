@@ -5,18 +5,20 @@
 //!   budget is drawn. Bytes are thus sampled as a Poisson process, and an allocation of `s`
 //!   bytes is sampled with probability `1 - exp(-s / mean)`, which is what the writer scales
 //!   back by (Go's `scaleHeapSample`).
-//! - **The common allocation** costs one thread-local word and one branch: the word holds the
-//!   capture's generation above the budget (`generation << 40 | budget`), and the `MODE` word
-//!   the allocator already loaded carries the running capture's generation. Subtracting the
-//!   size borrows into the generation bits exactly when the budget runs out, so "same
-//!   generation after the subtraction" means both "this thread's budget belongs to this
-//!   capture" and "not yet exhausted". Anything else (exhausted, or the thread's first
-//!   allocation in this capture, or its first ever) takes the out-of-line path. A thread's
-//!   first allocation in a capture draws a fresh budget there: none of its bytes in this
-//!   capture have been counted yet, so that is exactly where its Poisson process starts
-//!   (whatever mean the previous capture used). The cells are const-initialised and have no
-//!   destructor: no lazy registration, usable from the allocator at any point of a thread's
-//!   life.
+//! - **The common allocation** costs one thread-local word and one compare: the word holds
+//!   the whole `MODE` word of the capture it counts for above the budget (`word << 32 |
+//!   budget`), and the allocator has that word in a register already (it carries the capture's
+//!   generation). Subtracting the size borrows into the upper half exactly when the budget
+//!   runs out, so "upper half still equals the `MODE` word after the subtraction" means both
+//!   "this thread's budget belongs to this capture" and "not yet exhausted"; no other mode's
+//!   word ever matches, so the allocator needs no separate "is this a sampled capture" test.
+//!   Anything else (exhausted, the thread's first allocation in this capture, or its first
+//!   ever) takes the out-of-line path. A thread's first allocation in a capture draws a fresh
+//!   budget there: none of its bytes in this capture have been counted yet, so that is exactly
+//!   where its Poisson process starts (whatever mean the previous capture used). Budgets above
+//!   4 GiB (means that large are allowed) keep the rest in `extra`, moved into the word by the
+//!   out-of-line path. The cells are const-initialised and have no destructor: no lazy
+//!   registration, usable from the allocator at any point of a thread's life.
 //! - **Stacks**: only sampled allocations walk the stack (`stack_walk`: framehop's caching
 //!   unwinder on x86_64 Linux, libgcc's through `backtrace` as the fallback; raw return
 //!   addresses into a buffer on the stack); they are symbolised when the file is written. A
@@ -25,11 +27,18 @@
 //! - **Tables** are fixed-size statics of atomics (no allocation, no lock in the allocator):
 //!   `SITES` (one per distinct stack, with its counts) and `LIVE_ADDRESS` / `LIVE_BLOCK`
 //!   (address → site and size of each sampled block still live). A free must know whether its
-//!   block was sampled: `FILTER` counts the live entries per group of 4 home slots of the live
-//!   table, so the common free (a block never sampled, or allocated before the capture) costs
-//!   a multiply and one load from a 16 KiB array, and nothing else. A free whose group holds
-//!   entries first looks for its address without writing anything; only a block that really
-//!   was sampled takes the counted (`IN_FLIGHT`) path that updates the tables.
+//!   block was sampled: `FILTER` counts the live sampled blocks per address class (bits 8..28
+//!   of the address: 256-byte granules, addresses 256 MiB apart share a class), so the common
+//!   free (a block never sampled, or allocated before the capture) costs a shift, a mask and
+//!   one byte load, and nothing else. The class is taken straight from the address rather than
+//!   hashed: blocks a thread frees are near each other in its heap, so the bytes their frees
+//!   read are too (one cache line of the filter covers 16 KiB of heap), and stay in L1; a
+//!   hashed index spread them over the whole filter and missed L1 on a third of all frees.
+//!   The filter is large (1 Mi classes) so that a big sampled heap marks few of them: with
+//!   2,000 live sampled blocks a free meets a marked class 0.2% of the time. Only the pages
+//!   around the heap's hot parts are ever touched. A free whose class holds entries first looks for its address without
+//!   writing anything; only a block that really was sampled takes the counted (`IN_FLIGHT`)
+//!   path that updates the tables.
 //! - **Full tables** drop the sample (counted, logged and written as a profile comment) rather
 //!   than block or allocate.
 //! - **Stop**: the mode goes to `OFF`, then the stop waits for calls already inside the tables
@@ -43,7 +52,7 @@ use std::time::{Instant, SystemTime};
 
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Stopper};
 
-use crate::{IN_FLIGHT, MODE, heap_pprof, mode, stack_walk};
+use crate::{MODE, heap_pprof, in_flight, mode, stack_walk};
 
 /// Frames kept per sample (the allocator's own leaf frames included, dropped when written).
 const MAX_DEPTH: usize = 64;
@@ -52,21 +61,21 @@ const SITE_SLOTS: usize = 1 << 12;
 /// Sampled blocks live at once (at the default mean, 32 GiB of live sampled memory).
 const LIVE_SLOTS: usize = 1 << 16;
 const LIVE_BITS: u32 = LIVE_SLOTS.trailing_zeros();
-/// Home slots of the live table per `FILTER` counter. With a probe limit of 32, at most
-/// `4 + 31` entries share a counter, so a byte holds it; 16 KiB in all, so the check every free
-/// makes mostly stays in L1.
-const FILTER_GROUP_BITS: u32 = 2;
-const FILTER_SLOTS: usize = LIVE_SLOTS >> FILTER_GROUP_BITS;
+/// Address classes of `FILTER`: bits `FILTER_GRANULE_BITS..+FILTER_BITS` of an address. A
+/// class counts at most 255 live sampled blocks; a sample that would pass that is dropped
+/// (counted like one that finds a table full), so a counter never wraps.
+const FILTER_GRANULE_BITS: u32 = 8;
+const FILTER_BITS: u32 = 20;
+const FILTER_SLOTS: usize = 1 << FILTER_BITS;
 /// How far a lookup walks from a home slot before giving up.
 const PROBE_LIMIT: usize = 32;
-/// Bits of a thread's countdown word that hold its budget; the generation sits above them.
-const BUDGET_BITS: u32 = 40;
+/// Bits of a thread's countdown word that hold its budget; the `MODE` word sits above them.
+const BUDGET_BITS: u32 = 32;
 const BUDGET_MAX: u64 = (1 << BUDGET_BITS) - 1;
-/// Generations fit in the 24 bits above the mode byte of the `MODE` word (and above the budget
-/// in the countdown word); 0 is never used, so a thread that never counted is always stale.
+/// Generations fit in the 24 bits above the mode byte of the `MODE` word.
 const GENERATION_MAX: u32 = (1 << 24) - 1;
-/// The largest mean interval: budgets (up to ~40 means) must fit in `BUDGET_BITS`.
-pub(crate) const MAX_MEAN_BYTES: u64 = 1 << 32;
+/// The largest mean interval (budgets are drawn up to ~40 means).
+pub(crate) const MAX_MEAN_BYTES: u64 = 1 << 40;
 
 const EMPTY: usize = 0;
 const TOMBSTONE: usize = 1;
@@ -80,8 +89,6 @@ struct Site {
     ips: [AtomicUsize; MAX_DEPTH],
     alloc_count: AtomicU64,
     alloc_bytes: AtomicU64,
-    free_count: AtomicU64,
-    free_bytes: AtomicU64,
 }
 
 impl Site {
@@ -93,8 +100,6 @@ impl Site {
             ips: [const { AtomicUsize::new(0) }; MAX_DEPTH],
             alloc_count: AtomicU64::new(0),
             alloc_bytes: AtomicU64::new(0),
-            free_count: AtomicU64::new(0),
-            free_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -118,15 +123,24 @@ static DIRTY: AtomicBool = AtomicBool::new(false);
 
 /// Per-thread sampling state (see the module docs for `countdown`).
 struct ThreadSampler {
-    /// `generation << BUDGET_BITS | bytes left before the next sample`.
+    /// `MODE word << BUDGET_BITS | bytes left before the next sample` (up to `BUDGET_MAX`).
     countdown: Cell<u64>,
+    /// Budget beyond what fits in `countdown`.
+    extra: Cell<u64>,
     rng: Cell<u64>,
     busy: Cell<bool>,
 }
 
 impl ThreadSampler {
     const fn new() -> Self {
-        ThreadSampler { countdown: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
+        ThreadSampler { countdown: Cell::new(0), extra: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
+    }
+
+    /// Makes `budget` this thread's bytes left in the capture of `word`.
+    fn set_budget(&self, word: u32, budget: u64) {
+        let now = budget.min(BUDGET_MAX);
+        self.countdown.set(u64::from(word) << BUDGET_BITS | now);
+        self.extra.set(budget - now);
     }
 }
 
@@ -149,36 +163,48 @@ pub(crate) fn start(mean_bytes: u64) -> SampledStopper {
     stack_walk::install();
     let stopper = SampledStopper { mean_bytes, started: SystemTime::now(), clock: Instant::now(), stopped: false };
     // SeqCst: a thread that sees this word also sees the mean and the cleared tables.
-    MODE.store(mode::SAMPLED | generation << 8, Ordering::SeqCst);
+    MODE.store(word_of(generation), Ordering::SeqCst);
     stopper
 }
 
+/// The `MODE` word of the sampled capture with `generation`.
+const fn word_of(generation: u32) -> u32 {
+    mode::SAMPLED | generation << 8
+}
+
 /// Resets every table. Only called while no capture runs and nothing is in flight.
+///
+/// Only what a capture wrote is cleared, so the pages of the tables no capture touched stay
+/// untouched (and not resident): the sites that were claimed, and the filter classes of the
+/// blocks still in the live table (the filter counts exactly those).
 fn clear_tables() {
-    for site in &SITES {
+    for site in SITES.iter().filter(|site| site.hash.load(Ordering::Relaxed) != 0) {
         site.hash.store(0, Ordering::Relaxed);
         site.ready.store(false, Ordering::Relaxed);
-        for counter in [&site.alloc_count, &site.alloc_bytes, &site.free_count, &site.free_bytes] {
+        for counter in [&site.alloc_count, &site.alloc_bytes] {
             counter.store(0, Ordering::Relaxed);
         }
     }
     for address in &LIVE_ADDRESS {
-        address.store(EMPTY, Ordering::Relaxed);
-    }
-    for count in &FILTER {
-        count.store(0, Ordering::Relaxed);
+        match address.swap(EMPTY, Ordering::Relaxed) {
+            EMPTY | TOMBSTONE => {}
+            live => FILTER[filter_class(live)].store(0, Ordering::Relaxed),
+        }
     }
 }
 
-/// The common case of every allocation while sampling: counts `size` bytes off this thread's
-/// budget and returns `true` if that is all there is to do. `false` (budget exhausted, or the
-/// thread's budget is from another capture) sends the caller to [`alloc_past_budget`] /
-/// [`realloc_past_budget`], with the budget untouched.
+/// The common case of every allocation while a capture runs: counts `size` bytes off this
+/// thread's budget and returns `true` if that is all there is to do. `false` (budget
+/// exhausted, the thread's budget is from another capture, or `word` is not a sampled
+/// capture's) sends the caller to [`alloc_past_budget`] / [`realloc_past_budget`] (or to the
+/// other modes' paths), with the budget untouched. Reads only while not sampling.
 #[inline(always)]
 pub(crate) fn count_down(word: u32, size: usize) -> bool {
     THREAD.with(|t| {
         let left = t.countdown.get().wrapping_sub(size as u64);
-        let counting = left >> BUDGET_BITS == u64::from(word >> 8);
+        // Sizes reach at most `isize::MAX`, so a subtraction can never bring the upper half
+        // round to the same word.
+        let counting = left >> BUDGET_BITS == u64::from(word);
         if counting {
             t.countdown.set(left);
         }
@@ -226,20 +252,24 @@ pub(crate) unsafe fn realloc_past_budget(word: u32, ptr: *mut u8, layout: Layout
 /// this thread's countdown for what follows. On `true` the caller records the block and then
 /// clears `busy`.
 fn take_sample(word: u32, size: usize) -> bool {
-    let generation = u64::from(word >> 8);
+    // `word` came from a relaxed load; this pairs with the SeqCst store of it in `start`, so
+    // the mean read by `next_budget` is this capture's.
+    std::sync::atomic::fence(Ordering::Acquire);
     let size = size as u64;
     THREAD.with(|t| {
-        if t.countdown.get() >> BUDGET_BITS != generation {
+        if t.countdown.get() >> BUDGET_BITS != u64::from(word) {
             // This thread's first allocation in this capture: its count starts here.
-            let budget = next_budget(t);
-            if budget > size {
-                t.countdown.set(generation << BUDGET_BITS | (budget - size));
-                return false;
-            }
+            t.set_budget(word, next_budget(t));
+        }
+        let left = (t.countdown.get() & BUDGET_MAX) + t.extra.get();
+        if size <= left {
+            // Within the budget after all: its part beyond 4 GiB was not in the word yet.
+            t.set_budget(word, left - size);
+            return false;
         }
         // Past the budget: sampled. Go discards the overshoot too: the next point of a
         // Poisson process is an exponential distance away wherever one starts counting.
-        t.countdown.set(generation << BUDGET_BITS | next_budget(t));
+        t.set_budget(word, next_budget(t));
         if t.busy.get() {
             // An allocation made while recording a sample (the stack walker's): not the
             // program's, and recording it would re-enter the sampler.
@@ -255,9 +285,8 @@ fn take_sample(word: u32, size: usize) -> bool {
 #[inline(always)]
 pub(crate) fn on_free(ptr: *mut u8) {
     let address = ptr as usize;
-    let home = home_slot(address);
-    if FILTER[home >> FILTER_GROUP_BITS].load(Ordering::Relaxed) != 0 {
-        forget(address, home);
+    if FILTER[filter_class(address)].load(Ordering::Relaxed) != 0 {
+        forget(address);
     }
 }
 
@@ -280,45 +309,30 @@ fn find_live(address: usize, home: usize) -> Option<usize> {
 /// freeing thread owns the block, so nobody else can add or remove its address meanwhile.
 #[cold]
 #[inline(never)]
-fn forget(address: usize, home: usize) {
-    if find_live(address, home).is_none() || !enter() {
+fn forget(address: usize) {
+    let home = home_slot(address);
+    if find_live(address, home).is_none() {
         return;
     }
-    // Looked up again inside `enter`: the tables may have been cleared for a new capture
-    // between the first look and `enter`.
+    let Some(_entered) = enter() else { return };
+    // Looked up again once counted: the tables may have been cleared for a new capture
+    // between the first look and `enter`. What was freed needs no count of its own: the
+    // writer takes "in use" from the blocks still in the live table.
     if let Some(index) = find_live(address, home) {
-        let block = LIVE_BLOCK[index].load(Ordering::Relaxed);
         LIVE_ADDRESS[index].store(TOMBSTONE, Ordering::Release);
-        FILTER[home >> FILTER_GROUP_BITS].fetch_sub(1, Ordering::Relaxed);
-        let site = &SITES[(block & 0xffff) as usize];
-        site.free_count.fetch_add(1, Ordering::Relaxed);
-        site.free_bytes.fetch_add(block >> 16, Ordering::Relaxed);
-    }
-    leave();
-}
-
-/// Counts this call in `IN_FLIGHT` if the capture still runs (see `routed::enter_dhat` for
-/// why SeqCst on both sides).
-fn enter() -> bool {
-    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    if mode::of(MODE.load(Ordering::SeqCst)) == mode::SAMPLED {
-        true
-    } else {
-        IN_FLIGHT.fetch_sub(1, Ordering::Release);
-        false
+        FILTER[filter_class(address)].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-fn leave() {
-    IN_FLIGHT.fetch_sub(1, Ordering::Release);
+/// Counts this call as in flight if the capture still runs (see `in_flight`).
+fn enter() -> Option<in_flight::Entered> {
+    in_flight::enter(|word| mode::of(word) == mode::SAMPLED)
 }
 
 /// Records one sampled block: its stack (into `SITES`) and itself (into the live table).
 #[inline(never)]
 fn record(address: usize, size: usize) {
-    if !enter() {
-        return;
-    }
+    let Some(_entered) = enter() else { return };
     let mut ips = [0usize; MAX_DEPTH];
     let depth = stack_walk::capture(&mut ips);
     let recorded = site_for(&ips[..depth]).is_some_and(|site| {
@@ -333,7 +347,6 @@ fn record(address: usize, size: usize) {
     if !recorded {
         DROPPED.fetch_add(1, Ordering::Relaxed);
     }
-    leave();
 }
 
 /// The index of the site of `ips`, claiming a slot for a new stack.
@@ -370,6 +383,12 @@ fn site_for(ips: &[usize]) -> Option<u32> {
 
 fn insert_live(address: usize, site: u32, size: u64) -> bool {
     const { assert!(SITE_SLOTS <= 1 << 16) };
+    // Counted in the filter first, so the counter can refuse (never wrap) before anything is
+    // published; a free of this block cannot run before the allocation returns.
+    let class = &FILTER[filter_class(address)];
+    if class.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1)).is_err() {
+        return false;
+    }
     let home = home_slot(address);
     for step in 0..PROBE_LIMIT {
         let index = (home + step) & (LIVE_SLOTS - 1);
@@ -381,11 +400,17 @@ fn insert_live(address: usize, site: u32, size: u64) -> bool {
             // Nobody can look this address up before the allocation returns it, so writing
             // the rest after the address is published is fine.
             LIVE_BLOCK[index].store(size << 16 | u64::from(site), Ordering::Relaxed);
-            FILTER[home >> FILTER_GROUP_BITS].fetch_add(1, Ordering::Relaxed);
             return true;
         }
     }
+    class.fetch_sub(1, Ordering::Relaxed);
     false
+}
+
+/// The `FILTER` counter of `address`.
+#[inline(always)]
+fn filter_class(address: usize) -> usize {
+    (address >> FILTER_GRANULE_BITS) & (FILTER_SLOTS - 1)
 }
 
 #[inline(always)]
@@ -410,7 +435,8 @@ fn next_budget(t: &ThreadSampler) -> u64 {
     let bits = x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 random bits
     let uniform = (bits as f64 + 0.5) / (1u64 << 53) as f64; // in (0, 1)
     let mean = MEAN_BYTES.load(Ordering::Relaxed) as f64;
-    ((-uniform.ln()) * mean).clamp(1.0, BUDGET_MAX as f64) as u64
+    // At most ~37 means (`uniform` is at least 2^-54), so no overflow up to `MAX_MEAN_BYTES`.
+    ((-uniform.ln()) * mean).max(1.0) as u64
 }
 
 /// Go's `scaleHeapSample`: from sampled counts to an estimate of what was really allocated,
@@ -441,7 +467,7 @@ impl SampledStopper {
         if !self.stopped {
             self.stopped = true;
             MODE.store(mode::OFF, Ordering::SeqCst);
-            crate::wait_for_in_flight();
+            in_flight::wait_until_none();
             stack_walk::uninstall();
             DIRTY.store(true, Ordering::SeqCst);
         }
@@ -463,26 +489,38 @@ impl Stopper for SampledStopper {
             "onsite memory capture, mode sampled: one sample per {} bytes allocated on average, scaled",
             self.mean_bytes
         ));
-        let (fast_walks, libgcc_walks) = stack_walk::walk_counts();
-        builder.comment(&format!("stacks walked: {fast_walks} by the caching unwinder, {libgcc_walks} by libgcc's"));
+        let samples: u64 = SITES.iter().map(|site| site.alloc_count.load(Ordering::Relaxed)).sum();
+        let libgcc_walks = stack_walk::fallback_walks().min(samples);
+        builder.comment(&format!(
+            "stacks walked: {} by the caching unwinder, {libgcc_walks} by libgcc's",
+            samples - libgcc_walks
+        ));
         if dropped > 0 {
             tracing::warn!(dropped, "onsite: memory samples dropped because the sample tables were full");
             builder.comment(&format!("{dropped} samples dropped: the sample tables were full"));
         }
+        // In use: the sampled blocks still in the live table, per site.
+        let mut live = vec![(0u64, 0u64); SITE_SLOTS];
+        for (address, block) in LIVE_ADDRESS.iter().zip(&LIVE_BLOCK) {
+            if !matches!(address.load(Ordering::Relaxed), EMPTY | TOMBSTONE) {
+                let block = block.load(Ordering::Relaxed);
+                let (count, bytes) = &mut live[(block & 0xffff) as usize];
+                *count += 1;
+                *bytes += block >> 16;
+            }
+        }
         let mut ips = Vec::with_capacity(MAX_DEPTH);
-        for site in &SITES {
+        for (site, &(live_count, live_bytes)) in SITES.iter().zip(&live) {
             if !site.ready.load(Ordering::Acquire) {
                 continue;
             }
             let allocs = site.alloc_count.load(Ordering::Relaxed);
             let alloc_bytes = site.alloc_bytes.load(Ordering::Relaxed);
-            let frees = site.free_count.load(Ordering::Relaxed).min(allocs);
-            let free_bytes = site.free_bytes.load(Ordering::Relaxed).min(alloc_bytes);
             if allocs == 0 {
                 continue;
             }
             let (alloc_objects, alloc_space) = scale(allocs, alloc_bytes, self.mean_bytes);
-            let (inuse_objects, inuse_space) = scale(allocs - frees, alloc_bytes - free_bytes, self.mean_bytes);
+            let (inuse_objects, inuse_space) = scale(live_count, live_bytes, self.mean_bytes);
             ips.clear();
             let depth = site.depth.load(Ordering::Relaxed).min(MAX_DEPTH);
             ips.extend(site.ips[..depth].iter().map(|ip| ip.load(Ordering::Relaxed)));
@@ -509,31 +547,54 @@ mod tests {
 
     #[test]
     fn the_countdown_runs_out_into_the_slow_path_and_a_new_capture_starts_fresh() {
-        let word = mode::SAMPLED | 7 << 8;
+        let word = word_of(7);
         let budget = || THREAD.with(|t| t.countdown.get());
+        let set = |countdown: u64, extra: u64| {
+            THREAD.with(|t| {
+                t.countdown.set(countdown);
+                t.extra.set(extra);
+            })
+        };
+        // Other modes' words never match a countdown, whatever it holds.
+        for other in [mode::PROBE, mode::DHAT, mode::DRAINING] {
+            assert!(!count_down(other, 0));
+        }
         // This thread never counted in generation 7: the fast path does not settle it.
+        set(u64::from(word_of(6)) << BUDGET_BITS | 1000, 0);
         assert!(!count_down(word, 1));
         if take_sample(word, 1) {
             THREAD.with(|t| t.busy.set(false)); // a fresh budget of 1 byte: sampled at once
         }
-        assert_eq!(budget() >> BUDGET_BITS, 7);
+        assert_eq!(budget() >> BUDGET_BITS, u64::from(word));
         // The fast path counts the budget down to 0 exactly...
         let left = budget() & BUDGET_MAX;
+        set(budget(), 0);
         assert!(count_down(word, left as usize));
-        assert_eq!(budget(), 7 << BUDGET_BITS);
-        // ...and one byte more borrows into the generation: slow path, budget untouched.
+        assert_eq!(budget(), u64::from(word) << BUDGET_BITS);
+        // ...and one byte more borrows into the word: slow path, budget untouched.
         assert!(!count_down(word, 1));
-        assert_eq!(budget(), 7 << BUDGET_BITS);
-        // The slow path samples it and draws the next budget in the same generation.
+        assert_eq!(budget(), u64::from(word) << BUDGET_BITS);
+        // So does an allocation larger than any budget the word can hold.
+        set(u64::from(word) << BUDGET_BITS | BUDGET_MAX, 0);
+        assert!(!count_down(word, 1 << 40));
+        assert!(!count_down(word, isize::MAX as usize));
+        // The slow path samples past the budget and draws the next one in the same capture.
+        set(u64::from(word) << BUDGET_BITS, 0);
         assert!(take_sample(word, 1));
-        assert_eq!(budget() >> BUDGET_BITS, 7);
+        assert_eq!(budget() >> BUDGET_BITS, u64::from(word));
         assert!(budget() & BUDGET_MAX >= 1);
         // While that sample is being recorded, nothing else is sampled (no recursion).
-        THREAD.with(|t| t.countdown.set(7 << BUDGET_BITS));
+        set(u64::from(word) << BUDGET_BITS, 0);
         assert!(!take_sample(word, 1));
         THREAD.with(|t| t.busy.set(false));
+        // A budget beyond the word's 4 GiB: the rest waits in `extra` and is not a sample.
+        set(u64::from(word) << BUDGET_BITS | 10, 1 << 33);
+        assert!(!count_down(word, 11));
+        assert!(!take_sample(word, 11));
+        assert_eq!(budget(), u64::from(word) << BUDGET_BITS | BUDGET_MAX);
+        assert_eq!(THREAD.with(|t| t.extra.get()), (1u64 << 33) + 10 - 11 - BUDGET_MAX);
         // Another capture's word: this thread's budget is stale there, whatever is left of it.
-        assert!(!count_down(mode::SAMPLED | 8 << 8, 1));
+        assert!(!count_down(word_of(8), 1));
     }
 
     #[test]

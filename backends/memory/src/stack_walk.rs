@@ -19,11 +19,16 @@
 //!   `PT_GNU_EH_FRAME` (`.eh_frame_hdr`) and the `.eh_frame` it points to, read in place in
 //!   memory (no files opened, so a binary replaced on disk by a deployment does not matter).
 //!   A walk that meets a return address outside the registered modules (code `dlopen`ed after
-//!   start, JIT code) stops and the sample is walked by libgcc instead. If any object was
-//!   unloaded since start (`dlpi_subs` moved) the registered ranges may now hold other code, so
-//!   every walk of the rest of the capture goes to libgcc. The check is sound without holding
-//!   the loader lock across the walk: every frame being walked was on this thread's stack
-//!   before the check, and code with a frame on a stack cannot be unloaded.
+//!   start, JIT code) stops and the sample is walked by libgcc instead.
+//! - **Registered objects stay loaded until the walker is gone**: each is pinned with
+//!   `dlopen(RTLD_NOLOAD)` (one more reference on the object already there, checked to be the
+//!   same object by its load address) and released with `dlclose` by [`uninstall`]. A
+//!   `dlclose` by the service during the capture then only drops its own reference, so the
+//!   `.eh_frame` bytes a walk reads are never unmapped under it, and a walk needs no loader
+//!   call (an earlier version asked `dl_iterate_phdr` for the unload count on every walk: the
+//!   loader's lock, shared by all sampling threads, cost more than the walk). The program
+//!   itself cannot be unloaded and is not pinned; an object that cannot be pinned is not
+//!   registered (its frames go to libgcc).
 //! - **Reads stay on this thread's stack**: a rule derived from bad or missing CFI could point
 //!   anywhere, so the walk reads only words between its own stack pointer and the top of the
 //!   thread's stack (from `pthread_getattr_np`, once per thread, cached in a const-initialised
@@ -39,7 +44,7 @@
 //! - **Bounded**: at most `ips.len()` frames (and framehop stops a walk whose stack pointer
 //!   does not move up), so a walk cannot loop.
 //! - **Lifetime**: the walker is published in [`WALKER`] before the mode turns to sampled and
-//!   is only used inside the sampler's counted (`IN_FLIGHT`) section; [`uninstall`] runs after
+//!   is only used inside the sampler's counted (`in_flight`) section; [`uninstall`] runs after
 //!   the stop has waited for those to finish.
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -47,17 +52,16 @@ pub(crate) use fast::{install, uninstall};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Walks done by the caching unwinder / by libgcc, since the capture started.
-static FAST_WALKS: AtomicU64 = AtomicU64::new(0);
+/// Walks done by libgcc since the capture started. (The caching walks are not counted: a
+/// counter every sampling thread writes would bounce between the cores at every sample.)
 static FALLBACK_WALKS: AtomicU64 = AtomicU64::new(0);
 
-/// How this capture's stacks were walked so far: (by the caching unwinder, by libgcc).
-pub(crate) fn walk_counts() -> (u64, u64) {
-    (FAST_WALKS.load(Ordering::Relaxed), FALLBACK_WALKS.load(Ordering::Relaxed))
+/// How many of this capture's stacks were walked by libgcc so far.
+pub(crate) fn fallback_walks() -> u64 {
+    FALLBACK_WALKS.load(Ordering::Relaxed)
 }
 
 fn reset_counts() {
-    FAST_WALKS.store(0, Ordering::Relaxed);
     FALLBACK_WALKS.store(0, Ordering::Relaxed);
 }
 
@@ -68,7 +72,6 @@ fn reset_counts() {
 pub(crate) fn capture(ips: &mut [usize]) -> usize {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if let Some(depth) = fast::walk(ips) {
-        FAST_WALKS.fetch_add(1, Ordering::Relaxed);
         return depth;
     }
     FALLBACK_WALKS.fetch_add(1, Ordering::Relaxed);
@@ -111,7 +114,7 @@ mod fast {
     use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
     use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-    use framehop::{ExplicitModuleSectionInfo, MustNotAllocateDuringUnwind, Unwinder};
+    use framehop::{ExplicitModuleSectionInfo, FrameAddress, MustNotAllocateDuringUnwind, Unwinder};
 
     /// framehop caches that walks can claim at once; more threads sampling at the same instant
     /// walk with libgcc.
@@ -129,14 +132,51 @@ mod fast {
         unwinder: UnwinderX86_64<Bytes, Policy>,
         /// The registered modules' code, sorted by start: return addresses must fall in here.
         code: Vec<Range<u64>>,
-        /// The loader's unload count when the modules were registered.
-        unloads: u64,
         slots: Box<[CacheSlot]>,
+        /// The registered objects, kept loaded; declared last so they are released after
+        /// everything that points into them.
+        _pins: Vec<Pin>,
+    }
+
+    /// One reference on a loaded object, which keeps it loaded until dropped (see the module
+    /// docs). Null for objects that never unload.
+    struct Pin(*mut libc::c_void);
+
+    // SAFETY: a `dlopen` handle is a token any thread may pass to `dlclose`.
+    unsafe impl Send for Pin {}
+    // SAFETY: as above; `Pin` has no methods that use it through `&self`.
+    unsafe impl Sync for Pin {}
+
+    impl Drop for Pin {
+        fn drop(&mut self) {
+            if !self.0.is_null() {
+                // SAFETY: a handle from `dlopen`, closed once.
+                unsafe { libc::dlclose(self.0) };
+            }
+        }
+    }
+
+    /// framehop's rule cache is direct-mapped: 509 entries indexed by `address % 509`. Two
+    /// return addresses of one stack that share an index evict each other at every walk, and
+    /// each eviction costs a CFI lookup and evaluation (thousands of instructions), so with one
+    /// cache a walk costs 3,000 or 11,000 instructions depending only on where the loader
+    /// happened to put the code. Each frame therefore picks one of `WAYS` caches by another
+    /// part of its address, which makes those collisions `WAYS` times rarer (and the cache
+    /// `WAYS` times larger for services with many stacks).
+    const WAYS: usize = 4;
+    const RULE_CACHE_ENTRIES: u64 = 509;
+
+    /// A walker's caches, claimed as a whole by one walk at a time.
+    type Caches = [CacheX86_64<Policy>; WAYS];
+
+    /// The cache for the frame whose lookup address is `address`.
+    fn way(address: u64) -> usize {
+        ((address / RULE_CACHE_ENTRIES) % WAYS as u64) as usize
     }
 
     struct CacheSlot {
         claimed: AtomicBool,
-        cache: UnsafeCell<CacheX86_64<Policy>>,
+        caches: UnsafeCell<Caches>,
     }
 
     // SAFETY: `cache` is only touched by the thread that claimed the slot (`claimed` swapped
@@ -182,14 +222,11 @@ mod fast {
         // SAFETY: published by `install`, freed by `uninstall` only after every counted call
         // (this one included: see `capture`) has finished.
         let walker = unsafe { &*walker };
-        if loader_unloads() != Some(walker.unloads) {
-            return None;
-        }
         let top = stack_top()?;
         let slot = walker.claim_slot()?;
         // SAFETY: this thread claimed the slot.
-        let cache = unsafe { &mut *slot.cache.get() };
-        let depth = walker.walk(cache, top, ips);
+        let caches = unsafe { &mut *slot.caches.get() };
+        let depth = walker.walk(caches, top, ips);
         slot.claimed.store(false, Ordering::Release);
         depth
     }
@@ -198,19 +235,21 @@ mod fast {
         pub(super) fn new() -> Walker {
             let mut unwinder = UnwinderX86_64::new();
             let mut code = Vec::new();
-            let mut unloads = None;
+            let mut pins = Vec::new();
             for_each_object(|object| {
-                unloads.get_or_insert(object.unloads);
-                if let Some(module) = object.module() {
+                if let Some(module) = object.module()
+                    && let Some(pin) = object.pin()
+                {
+                    pins.push(pin);
                     code.push(module.0.clone());
                     unwinder.add_module(module.1);
                 }
             });
             code.sort_by_key(|range| range.start);
             let slots = (0..CACHE_SLOTS)
-                .map(|_| CacheSlot { claimed: AtomicBool::new(false), cache: UnsafeCell::new(CacheX86_64::new_in()) })
+                .map(|_| CacheSlot { claimed: AtomicBool::new(false), caches: UnsafeCell::new(new_caches()) })
                 .collect();
-            Walker { unwinder, code, unloads: unloads.unwrap_or(u64::MAX), slots }
+            Walker { unwinder, code, slots, _pins: pins }
         }
 
         fn knows(&self, address: u64) -> bool {
@@ -220,8 +259,9 @@ mod fast {
 
         /// A free cache slot, trying this thread's preferred one first; never waits.
         fn claim_slot(&self) -> Option<&CacheSlot> {
-            // The thread-local's address: distinct per live thread, no system call.
-            let preferred = STACK_TOP.with(|t| t as *const Cell<usize> as usize >> 6);
+            // Threads numbered in turn prefer different slots, so each mostly finds its own
+            // cache, warm with its own stacks.
+            let preferred = crate::in_flight::thread_number();
             (0..self.slots.len())
                 .map(|i| &self.slots[(preferred + i) % self.slots.len()])
                 .find(|slot| slot.claimed.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
@@ -231,7 +271,7 @@ mod fast {
         /// registered code, a read falls outside `[stack pointer, top)`, or framehop gives up
         /// before the end of the stack.
         #[inline(never)]
-        pub(super) fn walk(&self, cache: &mut CacheX86_64<Policy>, top: usize, ips: &mut [usize]) -> Option<usize> {
+        pub(super) fn walk(&self, caches: &mut Caches, top: usize, ips: &mut [usize]) -> Option<usize> {
             let (pc, sp, bp) = registers();
             let top = top as u64;
             if sp >= top {
@@ -244,26 +284,34 @@ mod fast {
                     Err(())
                 }
             };
-            let mut frames = self.unwinder.iter_frames(pc, UnwindRegsX86_64::new(pc, sp, bp), cache, &mut read_stack);
+            // framehop's `UnwindIterator`, with a cache chosen per frame (see `WAYS`).
+            let mut regs = UnwindRegsX86_64::new(pc, sp, bp);
+            let mut frame = FrameAddress::from_instruction_pointer(pc);
             let mut depth = 0;
             while depth < ips.len() {
-                match frames.next() {
-                    Ok(Some(frame)) => {
-                        let address = frame.address();
-                        // Checked before framehop unwinds this frame: an unknown address would
-                        // get its frame-pointer guess.
-                        if !self.knows(frame.address_for_lookup()) {
-                            return None;
-                        }
-                        ips[depth] = address as usize;
-                        depth += 1;
-                    }
+                let lookup = frame.address_for_lookup();
+                // Checked before framehop unwinds this frame: an unknown address would get its
+                // frame-pointer guess.
+                if !self.knows(lookup) {
+                    return None;
+                }
+                ips[depth] = frame.address() as usize;
+                depth += 1;
+                if depth == ips.len() {
+                    break;
+                }
+                match self.unwinder.unwind_frame(frame, &mut regs, &mut caches[way(lookup)], &mut read_stack) {
+                    Ok(Some(return_address)) => frame = FrameAddress::from_return_address(return_address)?,
                     Ok(None) => break, // the outermost frame says it is the end
                     Err(_) => return None,
                 }
             }
             Some(depth)
         }
+    }
+
+    pub(super) fn new_caches() -> Caches {
+        std::array::from_fn(|_| CacheX86_64::new_in())
     }
 
     /// This point's instruction pointer, stack pointer and frame pointer, read together so
@@ -334,28 +382,11 @@ mod fast {
         }
     }
 
-    /// How many objects the dynamic loader has unloaded so far (`None` if it does not say).
-    fn loader_unloads() -> Option<u64> {
-        unsafe extern "C" fn first(info: *mut libc::dl_phdr_info, size: libc::size_t, out: *mut libc::c_void) -> i32 {
-            if size >= std::mem::size_of::<libc::dl_phdr_info>() {
-                // SAFETY: the loader passes a valid `info` of `size` bytes; `out` is the
-                // `Option<u64>` below.
-                unsafe { *(out as *mut Option<u64>) = Some((*info).dlpi_subs) };
-            }
-            1 // the counters are the same in every entry: stop at the first
-        }
-        let mut unloads: Option<u64> = None;
-        // SAFETY: the callback matches the signature and only writes `unloads`.
-        unsafe { libc::dl_iterate_phdr(Some(first), &mut unloads as *mut Option<u64> as *mut libc::c_void) };
-        unloads
-    }
-
     /// One loaded object as `dl_iterate_phdr` shows it.
     struct LoadedObject<'a> {
         name: &'a CStr,
         bias: u64,
         headers: &'a [libc::Elf64_Phdr],
-        unloads: u64,
     }
 
     fn for_each_object(mut visit: impl FnMut(&LoadedObject<'_>)) {
@@ -373,7 +404,7 @@ mod fast {
                     std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum))
                 };
                 let name = if info.dlpi_name.is_null() { c"" } else { CStr::from_ptr(info.dlpi_name) };
-                visit(&LoadedObject { name, bias: info.dlpi_addr, headers, unloads: info.dlpi_subs });
+                visit(&LoadedObject { name, bias: info.dlpi_addr, headers });
             }
             0
         }
@@ -383,6 +414,17 @@ mod fast {
     }
 
     impl LoadedObject<'_> {
+        /// Keeps this object loaded until the pin is dropped; `None` if that cannot be done
+        /// for this very object.
+        fn pin(&self) -> Option<Pin> {
+            if self.name.is_empty() || cfg!(target_env = "musl") {
+                // The program itself (listed first, without a name), and anything on musl,
+                // whose `dlclose` never unloads.
+                return Some(Pin(std::ptr::null_mut()));
+            }
+            pin_by_name(self.name, self.bias)
+        }
+
         /// The object's code range (run-time addresses) and its framehop module, if it has
         /// an `.eh_frame_hdr` framehop can use.
         fn module(&self) -> Option<(Range<u64>, framehop::Module<Bytes>)> {
@@ -426,6 +468,33 @@ mod fast {
         }
     }
 
+    /// `dlopen(name, RTLD_NOLOAD)`, kept only if it is the object loaded at `bias` (a name
+    /// may have been loaded twice, or replaced).
+    #[cfg(target_env = "gnu")]
+    fn pin_by_name(name: &CStr, bias: u64) -> Option<Pin> {
+        // SAFETY: a valid C string; RTLD_NOLOAD never loads anything, it only counts one more
+        // reference on an object already loaded.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+        if handle.is_null() {
+            return None;
+        }
+        let pin = Pin(handle);
+        let mut map: *const u64 = std::ptr::null();
+        // SAFETY: RTLD_DI_LINKMAP writes a `struct link_map *` to the pointer given. `l_addr`
+        // (the load bias) is that struct's first field (<link.h>).
+        let same = unsafe {
+            libc::dlinfo(handle, libc::RTLD_DI_LINKMAP, &mut map as *mut *const u64 as *mut libc::c_void) == 0
+                && !map.is_null()
+                && *map == bias
+        };
+        same.then_some(pin)
+    }
+
+    #[cfg(not(target_env = "gnu"))]
+    fn pin_by_name(_: &CStr, _: u64) -> Option<Pin> {
+        None
+    }
+
     /// The link-time address of `.eh_frame`, from the `.eh_frame_hdr` at `hdr_address`
     /// (its `eh_frame_ptr`, in the pointer encodings linkers use for it).
     fn eh_frame_address(hdr: &[u8], hdr_address: u64) -> Option<u64> {
@@ -467,7 +536,7 @@ mod tests {
             std::hint::black_box(());
         }
         let walker = fast::Walker::new();
-        let mut cache = framehop::x86_64::CacheX86_64::new_in();
+        let mut cache = fast::new_caches();
         let top = fast::ask_stack_top().expect("this thread's stack top");
         nest(levels, &mut || {
             for round in 0..3 {
@@ -499,7 +568,7 @@ mod tests {
     #[test]
     fn a_walk_that_leaves_the_stack_bounds_is_refused() {
         let walker = fast::Walker::new();
-        let mut cache = framehop::x86_64::CacheX86_64::new_in();
+        let mut cache = fast::new_caches();
         let mut ips = [0usize; 64];
         // A "top" just above the current frame: reading the callers' frames is out of bounds.
         let here = &ips as *const _ as usize;
