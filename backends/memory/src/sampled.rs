@@ -5,20 +5,17 @@
 //!   budget is drawn. Bytes are thus sampled as a Poisson process, and an allocation of `s`
 //!   bytes is sampled with probability `1 - exp(-s / mean)`, which is what the writer scales
 //!   back by (Go's `scaleHeapSample`).
-//! - **The common allocation** costs one thread-local word and one compare: the word holds
-//!   the whole `MODE` word of the capture it counts for above the budget (`word << 32 |
-//!   budget`), and the allocator has that word in a register already (it carries the capture's
-//!   generation). Subtracting the size borrows into the upper half exactly when the budget
-//!   runs out, so "upper half still equals the `MODE` word after the subtraction" means both
-//!   "this thread's budget belongs to this capture" and "not yet exhausted"; no other mode's
-//!   word ever matches, so the allocator needs no separate "is this a sampled capture" test.
-//!   Anything else (exhausted, the thread's first allocation in this capture, or its first
-//!   ever) takes the out-of-line path. A thread's first allocation in a capture draws a fresh
-//!   budget there: none of its bytes in this capture have been counted yet, so that is exactly
-//!   where its Poisson process starts (whatever mean the previous capture used). Budgets above
-//!   4 GiB (means that large are allowed) keep the rest in `extra`, moved into the word by the
-//!   out-of-line path. The cells are const-initialised and have no destructor: no lazy
-//!   registration, usable from the allocator at any point of a thread's life.
+//! - **The common allocation** costs two thread-locals and two compares: the mode word of the
+//!   capture this thread's budget belongs to (compared with the word the allocator has in a
+//!   register already; it carries the capture's generation, and no other mode's word ever
+//!   matches, so the allocator needs no separate "is this a sampled capture" test), and the
+//!   budget, from which the size is subtracted unless that would borrow. Anything else
+//!   (exhausted, the thread's first allocation in this capture, or its first ever) takes the
+//!   out-of-line path. A thread's first allocation in a capture draws a fresh budget there:
+//!   none of its bytes in this capture have been counted yet, so that is exactly where its
+//!   Poisson process starts (whatever mean the previous capture used). The cells are
+//!   const-initialised and have no destructor: no lazy registration, usable from the
+//!   allocator at any point of a thread's life.
 //! - **Stacks**: only sampled allocations walk the stack (`stack_walk`: framehop's caching
 //!   unwinder on x86_64 Linux, libgcc's through `backtrace` as the fallback; raw return
 //!   addresses into a buffer on the stack); they are symbolised when the file is written. A
@@ -69,9 +66,6 @@ const FILTER_BITS: u32 = 20;
 const FILTER_SLOTS: usize = 1 << FILTER_BITS;
 /// How far a lookup walks from a home slot before giving up.
 const PROBE_LIMIT: usize = 32;
-/// Bits of a thread's countdown word that hold its budget; the `MODE` word sits above them.
-const BUDGET_BITS: u32 = 32;
-const BUDGET_MAX: u64 = (1 << BUDGET_BITS) - 1;
 /// Generations fit in the 24 bits above the mode byte of the `MODE` word.
 const GENERATION_MAX: u32 = (1 << 24) - 1;
 /// The largest mean interval (budgets are drawn up to ~40 means).
@@ -121,26 +115,19 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Whether the tables hold a previous capture's data.
 static DIRTY: AtomicBool = AtomicBool::new(false);
 
-/// Per-thread sampling state (see the module docs for `countdown`).
+/// Per-thread sampling state (see the module docs).
 struct ThreadSampler {
-    /// `MODE word << BUDGET_BITS | bytes left before the next sample` (up to `BUDGET_MAX`).
-    countdown: Cell<u64>,
-    /// Budget beyond what fits in `countdown`.
-    extra: Cell<u64>,
+    /// The mode word of the capture `budget` counts for (0: none yet).
+    word: Cell<u32>,
+    /// Bytes left before the next sample.
+    budget: Cell<u64>,
     rng: Cell<u64>,
     busy: Cell<bool>,
 }
 
 impl ThreadSampler {
     const fn new() -> Self {
-        ThreadSampler { countdown: Cell::new(0), extra: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
-    }
-
-    /// Makes `budget` this thread's bytes left in the capture of `word`.
-    fn set_budget(&self, word: u32, budget: u64) {
-        let now = budget.min(BUDGET_MAX);
-        self.countdown.set(u64::from(word) << BUDGET_BITS | now);
-        self.extra.set(budget - now);
+        ThreadSampler { word: Cell::new(0), budget: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
     }
 }
 
@@ -201,14 +188,16 @@ fn clear_tables() {
 #[inline(always)]
 pub(crate) fn count_down(word: u32, size: usize) -> bool {
     THREAD.with(|t| {
-        let left = t.countdown.get().wrapping_sub(size as u64);
-        // Sizes reach at most `isize::MAX`, so a subtraction can never bring the upper half
-        // round to the same word.
-        let counting = left >> BUDGET_BITS == u64::from(word);
-        if counting {
-            t.countdown.set(left);
+        if t.word.get() != word {
+            return false;
         }
-        counting
+        match t.budget.get().checked_sub(size as u64) {
+            Some(left) => {
+                t.budget.set(left);
+                true
+            }
+            None => false,
+        }
     })
 }
 
@@ -257,19 +246,18 @@ fn take_sample(word: u32, size: usize) -> bool {
     std::sync::atomic::fence(Ordering::Acquire);
     let size = size as u64;
     THREAD.with(|t| {
-        if t.countdown.get() >> BUDGET_BITS != u64::from(word) {
+        if t.word.get() != word {
             // This thread's first allocation in this capture: its count starts here.
-            t.set_budget(word, next_budget(t));
-        }
-        let left = (t.countdown.get() & BUDGET_MAX) + t.extra.get();
-        if size <= left {
-            // Within the budget after all: its part beyond 4 GiB was not in the word yet.
-            t.set_budget(word, left - size);
-            return false;
+            t.word.set(word);
+            let budget = next_budget(t);
+            if size <= budget {
+                t.budget.set(budget - size);
+                return false;
+            }
         }
         // Past the budget: sampled. Go discards the overshoot too: the next point of a
         // Poisson process is an exponential distance away wherever one starts counting.
-        t.set_budget(word, next_budget(t));
+        t.budget.set(next_budget(t));
         if t.busy.get() {
             // An allocation made while recording a sample (the stack walker's): not the
             // program's, and recording it would re-enter the sampler.
@@ -418,7 +406,7 @@ fn home_slot(address: usize) -> usize {
     ((address as u64 >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - LIVE_BITS)) as usize
 }
 
-/// A fresh exponential budget with the capture's mean (1..=BUDGET_MAX bytes).
+/// A fresh exponential budget with the capture's mean (at least 1 byte).
 fn next_budget(t: &ThreadSampler) -> u64 {
     let mut x = t.rng.get();
     if x == 0 {
@@ -548,52 +536,47 @@ mod tests {
     #[test]
     fn the_countdown_runs_out_into_the_slow_path_and_a_new_capture_starts_fresh() {
         let word = word_of(7);
-        let budget = || THREAD.with(|t| t.countdown.get());
-        let set = |countdown: u64, extra: u64| {
+        let budget = || THREAD.with(|t| (t.word.get(), t.budget.get()));
+        let set = |owner: u32, left: u64| {
             THREAD.with(|t| {
-                t.countdown.set(countdown);
-                t.extra.set(extra);
+                t.word.set(owner);
+                t.budget.set(left);
             })
         };
-        // Other modes' words never match a countdown, whatever it holds.
+        // Other modes' words never match a thread's budget, whatever it holds.
         for other in [mode::PROBE, mode::DHAT, mode::DRAINING] {
-            assert!(!count_down(other, 0));
+            set(0, 1000);
+            assert!(!count_down(other, 1));
         }
-        // This thread never counted in generation 7: the fast path does not settle it.
-        set(u64::from(word_of(6)) << BUDGET_BITS | 1000, 0);
+        // This thread's budget is from generation 6: the fast path does not settle it.
+        set(word_of(6), 1000);
         assert!(!count_down(word, 1));
         if take_sample(word, 1) {
             THREAD.with(|t| t.busy.set(false)); // a fresh budget of 1 byte: sampled at once
         }
-        assert_eq!(budget() >> BUDGET_BITS, u64::from(word));
+        assert_eq!(budget().0, word);
         // The fast path counts the budget down to 0 exactly...
-        let left = budget() & BUDGET_MAX;
-        set(budget(), 0);
+        let left = budget().1;
         assert!(count_down(word, left as usize));
-        assert_eq!(budget(), u64::from(word) << BUDGET_BITS);
-        // ...and one byte more borrows into the word: slow path, budget untouched.
+        assert_eq!(budget(), (word, 0));
+        // ...and one byte more would borrow: slow path, budget untouched.
         assert!(!count_down(word, 1));
-        assert_eq!(budget(), u64::from(word) << BUDGET_BITS);
-        // So does an allocation larger than any budget the word can hold.
-        set(u64::from(word) << BUDGET_BITS | BUDGET_MAX, 0);
-        assert!(!count_down(word, 1 << 40));
+        assert_eq!(budget(), (word, 0));
+        // So does any allocation larger than the budget, however large.
+        set(word, 1 << 40);
         assert!(!count_down(word, isize::MAX as usize));
+        assert_eq!(budget(), (word, 1 << 40));
         // The slow path samples past the budget and draws the next one in the same capture.
-        set(u64::from(word) << BUDGET_BITS, 0);
+        set(word, 0);
         assert!(take_sample(word, 1));
-        assert_eq!(budget() >> BUDGET_BITS, u64::from(word));
-        assert!(budget() & BUDGET_MAX >= 1);
+        assert_eq!(budget().0, word);
+        assert!(budget().1 >= 1);
         // While that sample is being recorded, nothing else is sampled (no recursion).
-        set(u64::from(word) << BUDGET_BITS, 0);
+        set(word, 0);
         assert!(!take_sample(word, 1));
         THREAD.with(|t| t.busy.set(false));
-        // A budget beyond the word's 4 GiB: the rest waits in `extra` and is not a sample.
-        set(u64::from(word) << BUDGET_BITS | 10, 1 << 33);
-        assert!(!count_down(word, 11));
-        assert!(!take_sample(word, 11));
-        assert_eq!(budget(), u64::from(word) << BUDGET_BITS | BUDGET_MAX);
-        assert_eq!(THREAD.with(|t| t.extra.get()), (1u64 << 33) + 10 - 11 - BUDGET_MAX);
         // Another capture's word: this thread's budget is stale there, whatever is left of it.
+        set(word, 1 << 40);
         assert!(!count_down(word_of(8), 1));
     }
 
