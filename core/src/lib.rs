@@ -4,14 +4,20 @@
 //! - [`ProfileKind`]: the kinds of evidence, and their names in files and configuration;
 //! - [`DumpDir`] and [`CaptureStamp`]: `{command}-{pid}-{kind}-{timestamp}.{ext}` naming;
 //! - [`write_new_file`] and [`CaptureOutput`]: the one all-or-nothing, no-symlink file writer;
-//! - [`pprof`]: the one builder from stacks to gzip'd `profile.proto`, and a reader for it.
+//! - [`pprof`]: the one builder from stacks to gzip'd `profile.proto`, and a reader for it;
+//! - `test_support` (feature `test-support`, for tests only): running a test's child process
+//!   in a role with a deadline, and finding the dump files of one kind.
 //!
-//! Nothing here starts threads or installs handlers; that is the `onsite` crate's job.
+//! Nothing here starts threads or installs handlers; that is the `onsite` crate's job (only
+//! `test_support`, in tests, starts child processes and threads reading their output).
 
 mod kind;
 mod naming;
 pub mod pprof;
 mod profiler;
+/// For onsite's own tests (and services' tests if they like), not for production code.
+#[cfg(feature = "test-support")]
+pub mod test_support;
 mod write;
 
 pub use kind::{ProfileKind, UnknownKind};

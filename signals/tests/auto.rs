@@ -5,8 +5,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use onsite_core::ProfileKind::Cpu;
 use onsite_core::pprof::decode;
-use support::{Service, files_ending_with, role};
+use onsite_core::test_support::{ChildTest, dump_files, role};
+use support::Service;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -51,7 +53,7 @@ fn a_rule_fires_once_writes_a_complete_capture_and_a_manifest_then_cools_down() 
     let log = service.log_text();
     assert_eq!(log.matches("automatic capture rule fired").count(), 1, "{log}");
     assert_eq!(support::manifests(dir.path()).len(), 1);
-    let pprof = files_ending_with(dir.path(), ".pprof");
+    let pprof = dump_files(dir.path(), Cpu, "pprof");
     assert_eq!(pprof.len(), 1, "{pprof:?}");
     decode(&std::fs::read(&pprof[0]).unwrap()).unwrap();
 
@@ -91,7 +93,7 @@ fn sigusr2_during_an_automatic_capture_stops_it_early() {
     let m = &manifests[0].1;
     assert_eq!(m["started_by"]["trigger"], "rule", "{m:#}");
     assert_eq!(m["stopped_by"], "SIGUSR2", "{m:#}");
-    assert_eq!(files_ending_with(dir.path(), ".pprof").len(), 1);
+    assert_eq!(dump_files(dir.path(), Cpu, "pprof").len(), 1);
 }
 
 #[test]
@@ -113,7 +115,7 @@ fn a_rule_never_interrupts_a_manual_capture_and_fires_after_it() {
         manual["stopped_at_unix_ms"].as_u64() <= auto["started_at_unix_ms"].as_u64(),
         "captures never overlap: {manual:#} {auto:#}"
     );
-    assert_eq!(files_ending_with(dir.path(), ".pprof").len(), 2);
+    assert_eq!(dump_files(dir.path(), Cpu, "pprof").len(), 2);
 }
 
 #[test]
@@ -164,15 +166,12 @@ fn a_wrong_rule_is_a_clear_install_error_quoting_it() {
     ];
     for (var, value, expected) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_spiking_service", "--ignored", "--nocapture"])
-            .env(support::ROLE_VAR, "child_spiking_service")
+        let out = ChildTest::new("child_spiking_service")
             .env("ONSITE_DIR", dir.path())
             .env("ONSITE_AUTO", "threads>500")
             .env(var, value)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+            .output(DEADLINE);
+        let stderr = &out.stderr;
         assert_eq!(out.status.code(), Some(3), "install failed and the child exited with its own code: {stderr}");
         assert!(stderr.contains(&format!("{var}=")), "{stderr}");
         assert!(stderr.contains(expected), "{var}={value}: {stderr}");

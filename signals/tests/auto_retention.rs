@@ -6,7 +6,9 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{Service, command_name, files_ending_with, role};
+use onsite_core::ProfileKind;
+use onsite_core::test_support::{dump_files, role};
+use support::{Service, command_name};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -63,7 +65,7 @@ fn retention_removes_only_onsites_own_oldest_captures() {
     );
     let own = format!("{cmd}-{}-", service.pid());
     let own_pprofs = || -> Vec<String> {
-        files_ending_with(d, ".pprof")
+        dump_files(d, ProfileKind::Cpu, "pprof")
             .iter()
             .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
             .filter(|n| n.starts_with(&own))

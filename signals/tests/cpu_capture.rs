@@ -6,8 +6,10 @@ mod support;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
+use onsite_core::ProfileKind::Cpu;
 use onsite_core::pprof::{decode, function_totals};
-use support::{Service, files_ending_with, role};
+use onsite_core::test_support::{ChildTest, dump_files, role};
+use support::Service;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -68,7 +70,7 @@ fn sigterm_during_a_capture_still_reaches_the_services_own_handler() {
     service.signal(libc::SIGTERM);
     let status = service.wait_exit(DEADLINE);
     assert_eq!(status.code(), Some(42), "the service's handler decided how to end: {status:?}\n{}", service.log_text());
-    let files = files_ending_with(dir.path(), ".pprof");
+    let files = dump_files(dir.path(), Cpu, "pprof");
     assert_eq!(files.len(), 1, "the capture was written first: {files:?}");
     decode(&std::fs::read(&files[0]).unwrap()).unwrap();
 }
@@ -81,8 +83,8 @@ fn usr2_twice_writes_a_cpu_profile_naming_the_hot_function() {
     service.wait_for_log("capture started", DEADLINE);
     std::thread::sleep(Duration::from_secs(2));
     service.signal(libc::SIGUSR2);
-    let files = service.wait_for_files(".svg", 1, DEADLINE);
-    let pprof = files_ending_with(dir.path(), ".pprof");
+    let files = service.wait_for_files(Cpu, "svg", 1, DEADLINE);
+    let pprof = dump_files(dir.path(), Cpu, "pprof");
     assert_eq!(pprof.len(), 1, "{pprof:?}");
 
     let name = pprof[0].file_name().unwrap().to_str().unwrap();
@@ -121,7 +123,7 @@ fn two_captures_in_one_second_get_distinct_names_with_the_childs_pid() {
         service.signal(libc::SIGUSR2);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let files = service.wait_for_files(".pprof", 2, DEADLINE);
+    let files = service.wait_for_files(Cpu, "pprof", 2, DEADLINE);
     assert_eq!(files.len(), 2);
     assert_ne!(files[0], files[1]);
     for f in &files {
@@ -129,7 +131,7 @@ fn two_captures_in_one_second_get_distinct_names_with_the_childs_pid() {
         assert!(name.contains(&format!("-{}-cpu-", service.pid())), "{name}");
         assert_ne!(service.pid() as u32, std::process::id());
     }
-    assert!(files_ending_with(dir.path(), ".svg").is_empty(), "ONSITE_CPU_FLAMEGRAPH=false is honoured");
+    assert!(dump_files(dir.path(), Cpu, "svg").is_empty(), "ONSITE_CPU_FLAMEGRAPH=false is honoured");
 }
 
 #[test]
@@ -185,17 +187,12 @@ fn an_unwritable_dump_dir_is_logged_and_the_service_keeps_running() {
 #[test]
 fn a_wrong_env_value_is_a_clear_install_error() {
     let dir = tempdir();
-    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    let out = cmd
-        .args(["--exact", "child_busy_service", "--ignored", "--nocapture"])
-        .env(support::ROLE_VAR, "child_busy_service")
+    let out = ChildTest::new("child_busy_service")
         .env("ONSITE_DIR", dir.path())
         .env("ONSITE_MAX_DURATION", "10 minutes")
-        .output()
-        .unwrap();
+        .output(DEADLINE);
     assert_eq!(out.status.code(), Some(3), "install failed and the child exited with its own code");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("ONSITE_MAX_DURATION=\"10 minutes\""), "{stderr}");
+    assert!(out.stderr.contains("ONSITE_MAX_DURATION=\"10 minutes\""), "{}", out.stderr);
 }
 
 #[test]
@@ -208,11 +205,16 @@ fn sigint_during_a_capture_writes_the_files_then_exits_by_sigint() {
     service.signal(libc::SIGINT);
     let status = service.wait_exit(DEADLINE);
     assert_eq!(status.signal(), Some(libc::SIGINT), "exits by SIGINT, as without onsite: {status:?}");
-    let files = files_ending_with(dir.path(), ".pprof");
+    let files = dump_files(dir.path(), Cpu, "pprof");
     assert_eq!(files.len(), 1, "{files:?}\n{}", service.log_text());
     decode(&std::fs::read(&files[0]).unwrap()).unwrap();
-    assert_eq!(files_ending_with(dir.path(), ".svg").len(), 1);
-    assert!(files_ending_with(dir.path(), ".tmp").is_empty());
+    assert_eq!(dump_files(dir.path(), Cpu, "svg").len(), 1);
+    let temporaries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(temporaries.is_empty(), "no temporary file is left: {temporaries:?}");
 }
 
 #[test]
@@ -222,7 +224,7 @@ fn sigterm_without_a_capture_ends_the_process_as_usual() {
     service.signal(libc::SIGTERM);
     let status = service.wait_exit(DEADLINE);
     assert_eq!(status.signal(), Some(libc::SIGTERM));
-    assert!(files_ending_with(dir.path(), ".pprof").is_empty());
+    assert!(dump_files(dir.path(), Cpu, "pprof").is_empty());
 }
 
 #[test]
@@ -240,10 +242,10 @@ fn fifty_toggles_under_an_allocating_load_neither_hang_nor_crash() {
         service.signal(libc::SIGUSR2);
         // Each capture's file must appear before the next starts: a hang shows up here, within
         // a deadline, instead of as a stuck test.
-        service.wait_for_files(".pprof", cycle, DEADLINE);
+        service.wait_for_files(Cpu, "pprof", cycle, DEADLINE);
         assert!(service.is_alive(), "crashed in cycle {cycle}:\n{}", service.log_text());
     }
-    let files = files_ending_with(dir.path(), ".pprof");
+    let files = dump_files(dir.path(), Cpu, "pprof");
     assert_eq!(files.len(), 50);
     for f in &files {
         decode(&std::fs::read(f).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", f.display()));

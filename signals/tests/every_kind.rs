@@ -7,8 +7,10 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use onsite_core::ProfileKind;
 use onsite_core::pprof::{decode, function_totals};
-use support::{Service, files_ending_with, role};
+use onsite_core::test_support::{ChildTest, dump_files, role};
+use support::Service;
 use tracing_subscriber::prelude::*;
 
 #[global_allocator]
@@ -121,16 +123,13 @@ fn one_capture_writes_every_kind_and_each_names_the_childs_own_work() {
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture stopped", DEADLINE);
 
-    let one = |kind: &str, ext: &str| {
-        let files: Vec<_> = files_ending_with(dir.path(), ext)
-            .into_iter()
-            .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&format!("-{kind}-")))
-            .collect();
+    let one = |kind: ProfileKind, ext: &str| {
+        let files = dump_files(dir.path(), kind, ext);
         assert_eq!(files.len(), 1, "one {kind} file, found {files:?}\n{}", service.log_text());
         files[0].clone()
     };
-    let profile = |kind: &str| decode(&std::fs::read(one(kind, ".pprof")).unwrap()).unwrap();
-    let top = |kind: &str, sample_type: &str| -> Vec<String> {
+    let profile = |kind: ProfileKind| decode(&std::fs::read(one(kind, "pprof")).unwrap()).unwrap();
+    let top = |kind: ProfileKind, sample_type: &str| -> Vec<String> {
         function_totals(&profile(kind), sample_type)
             .unwrap()
             .into_iter()
@@ -139,18 +138,19 @@ fn one_capture_writes_every_kind_and_each_names_the_childs_own_work() {
             .collect()
     };
 
-    let memory = top("memory", "inuse_space");
+    let memory = top(ProfileKind::Memory, "inuse_space");
     assert!(memory[0].ends_with("leak_a_block"), "memory, by inuse_space: {memory:?}");
-    let mutex = top("mutex", "delay");
+    let mutex = top(ProfileKind::Mutex, "delay");
     assert!(mutex[0].ends_with("hold_the_lock_while_sleeping"), "mutex, by delay: {mutex:?}");
-    let block = top("block", "delay");
+    let block = top(ProfileKind::Block, "delay");
     assert!(block.iter().take(2).any(|f| f.ends_with("hold_the_lock_while_sleeping")), "block: {block:?}");
-    let created = top("threadcreate", "threadcreate");
+    let created = top(ProfileKind::ThreadCreate, "threadcreate");
     assert!(created[0].ends_with("spawn_a_short_lived_thread"), "threadcreate: {created:?}");
-    let cpu = top("cpu", "samples");
+    let cpu = top(ProfileKind::Cpu, "samples");
     assert!(cpu.iter().take(3).any(|f| f.ends_with("burn_cpu_in_a_known_function")), "cpu: {cpu:?}");
 
-    let trace: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(one("trace", ".json")).unwrap()).unwrap();
+    let trace: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(one(ProfileKind::Trace, "json")).unwrap()).unwrap();
     let begins = trace.iter().filter(|e| e["ph"] == "B" && e["name"] == "work_item").count();
     assert!(begins > 10, "the trace holds the child's spans: {begins} work_item spans");
 
@@ -173,11 +173,11 @@ fn usr1_dumps_every_thread_with_its_function_idle_and_during_a_capture() {
     let dir = tempfile::tempdir().unwrap();
     let service = Service::start("child_full_service", dir.path(), &[("ONSITE_KINDS", "threadcreate")]);
     service.signal(libc::SIGUSR1);
-    let first = service.wait_for_files(".txt", 1, DEADLINE);
+    let first = service.wait_for_files(ProfileKind::Threads, "txt", 1, DEADLINE);
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture started", DEADLINE);
     service.signal(libc::SIGUSR1);
-    let both = service.wait_for_files(".txt", 2, DEADLINE);
+    let both = service.wait_for_files(ProfileKind::Threads, "txt", 2, DEADLINE);
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture stopped", DEADLINE);
     for dump in [&first[0], &both[1]] {
@@ -246,12 +246,6 @@ fn child_install_capture_shutdown() {
 #[test]
 fn shutdown_leaves_no_thread_or_handler_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_install_capture_shutdown", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(support::ROLE_VAR, "child_install_capture_shutdown")
-        .env("ONSITE_DIR", dir.path())
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("ONSITE-TEST-CHILD-READY"), "{text}");
+    let out = ChildTest::new("child_install_capture_shutdown").env("ONSITE_DIR", dir.path()).run(DEADLINE);
+    assert!(out.stdout.contains(support::READY), "{out:?}");
 }

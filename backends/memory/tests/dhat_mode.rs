@@ -9,6 +9,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
+use onsite_core::ProfileKind::Memory;
+use onsite_core::test_support::the_dump_file;
 use onsite_memory::{MemoryMode, MemoryProfiler};
 
 #[global_allocator]
@@ -44,7 +46,7 @@ fn the_leak_tops_inuse_space_and_the_churn_only_alloc_space() {
     run_child("child_leak_and_churn", dir.path(), Duration::from_secs(60), Duration::from_secs(60));
 
     let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(only_file(dir.path(), ".dhat.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(the_dump_file(dir.path(), Memory, "dhat.json")).unwrap())
             .expect("dhat's report is JSON");
     assert_eq!(report["mode"], "rust-heap");
     assert!(
@@ -52,7 +54,7 @@ fn the_leak_tops_inuse_space_and_the_churn_only_alloc_space() {
         "dhat's frames name the leak"
     );
 
-    let profile = read_pprof(&only_file(dir.path(), ".pprof"));
+    let profile = read_pprof(&the_dump_file(dir.path(), Memory, "pprof"));
     let (types, default) = sample_types(&profile);
     assert_eq!(types, ["alloc_objects/count", "alloc_space/bytes", "inuse_objects/count", "inuse_space/bytes"]);
     assert_eq!(default, "inuse_space");
@@ -91,7 +93,7 @@ fn blocks_crossing_the_edges_cause_no_crash_and_no_false_in_use() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_crossing_the_edges", dir.path(), Duration::from_secs(60), Duration::from_secs(60));
 
-    let first = read_pprof(&only_file(&dir.path().join("first"), ".pprof"));
+    let first = read_pprof(&the_dump_file(&dir.path().join("first"), Memory, "pprof"));
     let inuse = totals(&first, "inuse_space");
     assert_eq!(flat(&inuse, "allocated_before_the_capture"), 0, "never recorded: {inuse:?}");
     assert_eq!(flat(&totals(&first, "alloc_objects"), "allocated_before_the_capture"), 0);
@@ -100,7 +102,7 @@ fn blocks_crossing_the_edges_cause_no_crash_and_no_false_in_use() {
     // A realloc of a block from before the capture is an allocation of its new size.
     assert_eq!(flat(&inuse, "grown_during_the_capture"), (EDGE_BLOCKS * 2 * BLOCK) as i64, "{inuse:?}");
 
-    let second = read_pprof(&only_file(&dir.path().join("second"), ".pprof"));
+    let second = read_pprof(&the_dump_file(&dir.path().join("second"), Memory, "pprof"));
     let inuse = totals(&second, "inuse_space");
     for name in ["allocated_before_the_capture", "allocated_during_the_capture", "grown_during_the_capture"] {
         assert_eq!(flat(&inuse, name), 0, "{name} is not in use in the second capture: {inuse:?}");
@@ -163,11 +165,11 @@ fn thirty_cycles_under_load_with_a_busy_stderr() {
     run_child("child_cycles_under_load", dir.path(), Duration::from_secs(120), Duration::from_secs(20));
     for cycle in 0..CYCLES {
         let cycle_dir = dir.path().join(format!("cycle-{cycle}"));
-        let json = std::fs::read(only_file(&cycle_dir, ".dhat.json")).unwrap();
+        let json = std::fs::read(the_dump_file(&cycle_dir, Memory, "dhat.json")).unwrap();
         let json: serde_json::Value =
             serde_json::from_slice(&json).unwrap_or_else(|e| panic!("cycle {cycle}: dhat file is not JSON: {e}"));
         assert!(json["pps"].is_array(), "cycle {cycle}");
-        let profile = read_pprof(&only_file(&cycle_dir, ".pprof"));
+        let profile = read_pprof(&the_dump_file(&cycle_dir, Memory, "pprof"));
         assert_eq!(profile.sample_type.len(), 4, "cycle {cycle}");
     }
 }

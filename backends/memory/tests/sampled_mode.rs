@@ -9,6 +9,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
+use onsite_core::ProfileKind::Memory;
+use onsite_core::test_support::the_dump_file;
 use onsite_memory::{MemoryMode, MemoryProfiler};
 
 #[global_allocator]
@@ -56,7 +58,7 @@ fn a_64_mib_leak_is_named_first_and_estimated_within_20_percent() {
     assert!(
         std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".dhat.json"))
     );
-    let profile = read_pprof(&only_file(dir.path(), ".pprof"));
+    let profile = read_pprof(&the_dump_file(dir.path(), Memory, "pprof"));
     let (types, default) = sample_types(&profile);
     assert_eq!(types, ["alloc_objects/count", "alloc_space/bytes", "inuse_objects/count", "inuse_space/bytes"]);
     assert_eq!(default, "inuse_space");
@@ -111,7 +113,7 @@ fn child_leak_and_churn() {
 fn two_leaks_of_3_to_1_come_out_in_order_and_ratio() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_two_leaks", dir.path(), Duration::from_secs(60), Duration::from_secs(60));
-    let inuse = totals(&read_pprof(&only_file(dir.path(), ".pprof")), "inuse_space");
+    let inuse = totals(&read_pprof(&the_dump_file(dir.path(), Memory, "pprof")), "inuse_space");
     assert!(is_fn(&inuse[0].function, "planted_leak"), "{:?}", &inuse[..3.min(inuse.len())]);
     assert!(is_fn(&inuse[1].function, "smaller_leak"), "{:?}", &inuse[..3.min(inuse.len())]);
     let ratio = flat(&inuse, "planted_leak") as f64 / flat(&inuse, "smaller_leak") as f64;
@@ -135,7 +137,7 @@ fn thirty_cycles_under_load() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_cycles_under_load", dir.path(), Duration::from_secs(60), Duration::from_secs(20));
     for cycle in 0..CYCLES {
-        let profile = read_pprof(&only_file(&dir.path().join(format!("cycle-{cycle}")), ".pprof"));
+        let profile = read_pprof(&the_dump_file(&dir.path().join(format!("cycle-{cycle}")), Memory, "pprof"));
         assert_eq!(profile.sample_type.len(), 4, "cycle {cycle}");
         assert!(!profile.sample.is_empty(), "cycle {cycle} sampled something");
     }

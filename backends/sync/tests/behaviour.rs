@@ -11,7 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use onsite_core::Profiler;
+use onsite_core::test_support;
+use onsite_core::{ProfileKind, Profiler};
 use onsite_sync::{
     BlockProfiler, Condvar, MappedMutexGuard, Mutex, MutexGuard, MutexProfiler, RwLock, RwLockUpgradableReadGuard,
     RwLockWriteGuard,
@@ -352,7 +353,7 @@ fn behaves_like_parking_lot_with_no_capture() {
 #[test]
 #[ignore = "child process of behaves_like_parking_lot_while_capturing"]
 fn child_behaviour_while_capturing() {
-    if role().as_deref() != Some("behaviour") {
+    if test_support::role().as_deref() != Some("behaviour") {
         return;
     }
     let mut mutex = MutexProfiler::new(1);
@@ -372,6 +373,6 @@ fn behaves_like_parking_lot_while_capturing() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_behaviour_while_capturing", "behaviour", dir.path(), Duration::from_secs(30));
     // Recording every event, the block profile saw the waits these behaviours make.
-    let block = read_profile(dir.path(), "block");
+    let block = read_profile(dir.path(), ProfileKind::Block);
     assert!(mentions(&block, "condvar_notify_all"), "{:#?}", top(&block));
 }

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use onsite_core::test_support::{self, dump_files};
 use onsite_core::{ProfileKind, Profiler};
 use onsite_sync::{BlockProfiler, Condvar, Mutex, MutexProfiler};
 
@@ -47,7 +48,7 @@ fn use_uncontended_lock(lock: &Mutex<u64>) {
 #[test]
 #[ignore = "child process of contended_lock_is_named_in_both_profiles"]
 fn child_contended_and_uncontended() {
-    if role().as_deref() != Some("contended") {
+    if test_support::role().as_deref() != Some("contended") {
         return;
     }
     let mut mutex = MutexProfiler::new(1);
@@ -92,7 +93,7 @@ fn contended_lock_is_named_in_both_profiles() {
     run_child("child_contended_and_uncontended", "contended", dir.path(), DEADLINE);
     let waited: i64 = std::fs::read_to_string(dir.path().join("waited-ns")).unwrap().parse().unwrap();
 
-    let mutex = read_profile(dir.path(), "mutex");
+    let mutex = read_profile(dir.path(), ProfileKind::Mutex);
     assert_eq!(
         types(&mutex),
         (vec!["contentions/count".to_owned(), "delay/nanoseconds".to_owned()], "contentions/count".to_owned())
@@ -106,7 +107,7 @@ fn contended_lock_is_named_in_both_profiles() {
     );
     assert!(total(&mutex, 0) >= 1);
 
-    let block = read_profile(dir.path(), "block");
+    let block = read_profile(dir.path(), ProfileKind::Block);
     assert_eq!(types(&block).0, types(&mutex).0);
     let block_top = top(&block);
     assert!(block_top[0].function.ends_with("wait_for_contended_lock"), "block top: {block_top:#?}");
@@ -133,7 +134,7 @@ fn wait_on_condvar(lock: &Mutex<bool>, ready: &Condvar, waiting: mpsc::Sender<()
 #[test]
 #[ignore = "child process of condvar_wait_is_in_the_block_profile"]
 fn child_condvar() {
-    if role().as_deref() != Some("condvar") {
+    if test_support::role().as_deref() != Some("condvar") {
         return;
     }
     let mut block = BlockProfiler::default();
@@ -158,12 +159,12 @@ fn condvar_wait_is_in_the_block_profile() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_condvar", "condvar", dir.path(), DEADLINE);
     let waited: i64 = std::fs::read_to_string(dir.path().join("waited-ns")).unwrap().parse().unwrap();
-    let block = read_profile(dir.path(), "block");
+    let block = read_profile(dir.path(), ProfileKind::Block);
     let block_top = top(&block);
     let row = block_top.iter().find(|t| t.function.ends_with("wait_on_condvar")).expect("the condvar waiter");
     assert!(row.flat >= waited / 2 && row.flat <= waited * 2, "condvar wait {} ns vs {waited} ns measured", row.flat);
     assert!(block_top[0].function.ends_with("wait_on_condvar"), "{block_top:#?}");
-    assert!(profile_file(dir.path(), "mutex").is_none(), "only the block profile was captured");
+    assert!(dump_files(dir.path(), ProfileKind::Mutex, "pprof").is_empty(), "only the block profile was captured");
 }
 
 /// Makes this thread wait for a lock that `holder` holds across a short sleep (each holder
@@ -203,7 +204,7 @@ fn hold_between_captures(lock: &Mutex<u64>, holding: &mpsc::Sender<()>) {
 #[test]
 #[ignore = "child process of captures_are_independent_and_do_not_leak"]
 fn child_independent_captures() {
-    if role().as_deref() != Some("independent") {
+    if test_support::role().as_deref() != Some("independent") {
         return;
     }
     let dir = child_dir();
@@ -242,25 +243,25 @@ fn captures_are_independent_and_do_not_leak() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_independent_captures", "independent", dir.path(), DEADLINE);
     let first = dir.path().join("1");
-    let mutex1 = read_profile(&first, "mutex");
+    let mutex1 = read_profile(&first, ProfileKind::Mutex);
     assert!(top(&mutex1)[0].function.ends_with("hold_in_first_capture"), "{:#?}", top(&mutex1));
-    assert!(profile_file(&first, "block").is_none());
+    assert!(dump_files(&first, ProfileKind::Block, "pprof").is_empty());
 
     let second = dir.path().join("2");
-    assert!(profile_file(&second, "mutex").is_none());
-    let block2 = read_profile(&second, "block");
+    assert!(dump_files(&second, ProfileKind::Mutex, "pprof").is_empty());
+    let block2 = read_profile(&second, ProfileKind::Block);
     assert!(top(&block2)[0].function.starts_with("profiles::contend"), "the waiter's stack: {:#?}", top(&block2));
     for name in ["hold_in_first_capture", "hold_between_captures"] {
         assert!(!mentions(&block2, name), "{name} leaked into the block capture");
     }
 
     let third = dir.path().join("3");
-    for kind in ["mutex", "block"] {
+    for kind in [ProfileKind::Mutex, ProfileKind::Block] {
         let profile = read_profile(&third, kind);
         assert!(profile.sample.is_empty(), "{kind} capture without contention has samples: {:#?}", top(&profile));
     }
 
-    let fourth = read_profile(&dir.path().join("4"), "mutex");
+    let fourth = read_profile(&dir.path().join("4"), ProfileKind::Mutex);
     assert!(top(&fourth)[0].function.ends_with("hold_in_second_capture"), "{:#?}", top(&fourth));
     assert!(!mentions(&fourth, "hold_in_first_capture"));
     assert_eq!(MutexProfiler::default().kind(), ProfileKind::Mutex);

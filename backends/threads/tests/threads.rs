@@ -2,53 +2,22 @@
 //! the dump are process-wide), read back with onsite's pprof reader and as text.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use onsite_core::pprof::{decode, function_totals};
-use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler};
+use onsite_core::test_support::{self, ChildTest, the_dump_file};
+use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler};
 
-const ROLE: &str = "ONSITE_THREADS_TEST_ROLE";
 const DIR: &str = "ONSITE_THREADS_TEST_DIR";
 const ALPHA: usize = 3;
 const BETA: usize = 5;
 
 /// Runs this test binary's `child` test with `role`, failing (and killing it) after a deadline.
-fn run_child(role: &str, dir: &Path) -> String {
-    let mut process = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(DIR, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while process.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            process.kill().unwrap();
-            let _ = process.wait();
-            panic!("child {role} did not finish within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = process.wait_with_output().unwrap();
-    let text = format!("{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "child {role} failed: {text}");
-    text
-}
-
-fn the_file(dir: &Path, kind: &str) -> PathBuf {
-    let files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&format!("-{kind}-")))
-        .collect();
-    assert_eq!(files.len(), 1, "one {kind} file: {files:?}");
-    files.into_iter().next().unwrap()
+fn run_child(role: &str, dir: &Path) {
+    ChildTest::new("child").role(role).env(DIR, dir).run(Duration::from_secs(30));
 }
 
 fn cum(profile: &onsite_core::pprof::proto::Profile, sample_type: &str, function: &str) -> i64 {
@@ -60,8 +29,7 @@ fn cum(profile: &onsite_core::pprof::proto::Profile, sample_type: &str, function
 fn threadcreate_counts_threads_by_the_function_that_created_them() {
     let dir = tempfile::tempdir().unwrap();
     run_child("threadcreate", dir.path());
-    let file = the_file(dir.path(), "threadcreate");
-    assert!(file.to_string_lossy().ends_with(".pprof"));
+    let file = the_dump_file(dir.path(), ProfileKind::ThreadCreate, "pprof");
     let profile = decode(&std::fs::read(&file).unwrap()).unwrap();
 
     assert_eq!(cum(&profile, "threadcreate", "::spawn_from_alpha"), ALPHA as i64);
@@ -82,7 +50,7 @@ fn threadcreate_counts_threads_by_the_function_that_created_them() {
 fn the_threads_dump_shows_every_thread_in_its_function() {
     let dir = tempfile::tempdir().unwrap();
     run_child("dump", dir.path());
-    let file = the_file(dir.path(), "threads");
+    let file = the_dump_file(dir.path(), ProfileKind::Threads, "txt");
     let text = std::fs::read_to_string(&file).unwrap();
     let section = |name: &str| -> String {
         let start = text.find(&format!("\"{name}\"")).unwrap_or_else(|| panic!("thread {name} listed:\n{text}"));
@@ -159,7 +127,7 @@ fn output(dir: &Path) -> CaptureOutput {
 #[test]
 #[ignore = "child process of the tests above"]
 fn child() {
-    let Ok(role) = std::env::var(ROLE) else { return };
+    let Some(role) = test_support::role() else { return };
     let dir = PathBuf::from(std::env::var(DIR).unwrap());
     assert!(matches!(onsite_threads::hook_status(), onsite_threads::HookStatus::Active { .. }));
     match role.as_str() {

@@ -3,52 +3,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler};
+use onsite_core::test_support::{self, ChildOutput, ChildTest, dump_files};
+use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler};
 use serde_json::Value;
 use tracing_subscriber::prelude::*;
 
-const ROLE: &str = "ONSITE_TRACE_TEST_ROLE";
 const DIR: &str = "ONSITE_TRACE_TEST_DIR";
 
 /// Runs this test binary's `child` test with `role`, and fails (killing it) after a deadline.
-fn run_child(child: &str, role: &str, dir: &Path) -> String {
-    let mut process = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(DIR, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if process.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            process.kill().unwrap();
-            let _ = process.wait();
-            panic!("child {role} did not finish within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = process.wait_with_output().unwrap();
-    let text = format!("{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "child {role} failed: {text}");
-    text
-}
-
-fn trace_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().contains("-trace-"))
-        .collect();
-    files.sort();
-    files
+fn run_child(role: &str, dir: &Path) -> ChildOutput {
+    ChildTest::new("child").role(role).env(DIR, dir).run(Duration::from_secs(30))
 }
 
 /// Counts of `B` and `E` events by span name, and the names of instant events, checking that
@@ -80,8 +46,8 @@ fn balanced_spans(events: &[Value]) -> (HashMap<String, usize>, Vec<String>) {
 #[test]
 fn two_captures_in_a_row_hold_balanced_named_spans() {
     let dir = tempfile::tempdir().unwrap();
-    run_child("child", "two_captures", dir.path());
-    let files = trace_files(dir.path());
+    run_child("two_captures", dir.path());
+    let files = dump_files(dir.path(), ProfileKind::Trace, "json");
     assert_eq!(files.len(), 2, "{files:?}");
 
     let first: Vec<Value> = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).expect("first file is JSON");
@@ -103,9 +69,9 @@ fn two_captures_in_a_row_hold_balanced_named_spans() {
 #[test]
 fn without_the_layer_a_capture_fails_saying_how_to_add_it() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_child("child", "no_layer", dir.path());
-    assert!(out.contains("onsite::trace::layer()"), "{out}");
-    assert!(trace_files(dir.path()).is_empty());
+    let out = run_child("no_layer", dir.path());
+    assert!(out.stdout.contains("onsite::trace::layer()"), "{out:?}");
+    assert!(dump_files(dir.path(), ProfileKind::Trace, "json").is_empty());
 }
 
 fn threads_of_this_process() -> usize {
@@ -124,7 +90,7 @@ fn capture(profiler: &mut dyn Profiler, dir: &Path, work: impl FnOnce()) {
 #[test]
 #[ignore = "child process of the tests above"]
 fn child() {
-    let Ok(role) = std::env::var(ROLE) else { return };
+    let Some(role) = test_support::role() else { return };
     let dir = PathBuf::from(std::env::var(DIR).unwrap());
     match role.as_str() {
         "two_captures" => {

@@ -1,21 +1,15 @@
 //! Helpers for tests that run a real child process with onsite installed and talk to it with
-//! real signals. The child is this same test executable, re-run with `ONSITE_TEST_ROLE` set
-//! and a filter selecting one `#[ignore]`d test function that plays the service.
+//! real signals. The child is this same test executable, re-run by onsite-core's
+//! `test_support` to execute one `#[ignore]`d test function that plays the service.
 
 #![allow(dead_code, clippy::print_stdout)]
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-pub const ROLE_VAR: &str = "ONSITE_TEST_ROLE";
-
-/// The role this process plays, if it is a child.
-pub fn role() -> Option<String> {
-    std::env::var(ROLE_VAR).ok()
-}
+use onsite_core::ProfileKind;
+use onsite_core::test_support::{ChildTest, RunningChild, dump_files};
 
 /// Tells the parent that onsite is installed and the workload runs.
 pub fn announce_ready() {
@@ -23,138 +17,116 @@ pub fn announce_ready() {
 }
 
 /// The line a child prints once ready; libtest may print its own text before it on that line.
-const READY: &str = "ONSITE-TEST-CHILD-READY";
+pub const READY: &str = "ONSITE-TEST-CHILD-READY";
 
-/// A running child; killed on drop so a failing test leaves nothing behind.
+/// How long a service may take to say it is ready.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running service; killed on drop so a failing test leaves nothing behind.
 pub struct Service {
-    pub child: Child,
+    child: RunningChild,
     pub dir: PathBuf,
-    pub log: PathBuf,
 }
 
 impl Service {
     /// Starts this executable as the service `role` (the name of the ignored child test),
     /// dumping into `dir`, and waits until it says it is ready.
     pub fn start(role: &str, dir: &Path, env: &[(&str, &str)]) -> Service {
-        let log = dir.with_extension("log");
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", role, "--ignored", "--nocapture", "--test-threads=1"])
-            .env(ROLE_VAR, role)
-            .env("ONSITE_DIR", dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = ChildTest::new(role).env("ONSITE_DIR", dir).env("RUST_LOG", "info");
         for (k, v) in env {
-            cmd.env(k, v);
+            child = child.env(k, v);
         }
-        // SAFETY: resetting signal dispositions between fork and exec is async-signal-safe.
-        // The child must start with SIGINT at its default even if this runner ignores it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::signal(libc::SIGINT, libc::SIG_DFL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains(READY) {
-                    let _ = tx.send(());
-                }
+        let mut service = Service { child: child.spawn(), dir: dir.to_owned() };
+        let started = Instant::now();
+        while !service.child.stdout().contains(READY) {
+            if !service.is_alive() {
+                panic!("the child exited before it was ready; its log:\n{}", service.log_text());
             }
-        });
-        let service = Service { child, dir: dir.to_owned(), log };
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            panic!("the child did not get ready in 60 s; its log:\n{}", service.log_text());
+            if started.elapsed() > READY_DEADLINE {
+                panic!("the child did not get ready in {READY_DEADLINE:?}; its log:\n{}", service.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         service
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.child.pid() as i32
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill failed");
+        self.child.signal(sig);
     }
 
     pub fn is_alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.child.is_alive()
     }
 
+    /// What the service has logged so far (its stderr).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.child.stderr()
     }
 
-    /// Waits for the child to exit by itself.
+    /// Waits for the child to exit by itself (killing it and failing after `deadline`).
     pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if start.elapsed() > deadline {
-                panic!("the child did not exit within {deadline:?}; its log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child.wait(deadline).status
     }
 
-    /// Waits until `count` files whose names end with `suffix` exist, and returns them sorted.
-    pub fn wait_for_files(&self, suffix: &str, count: usize, deadline: Duration) -> Vec<PathBuf> {
+    /// Polls `found` until it gives a value; fails after `deadline` saying what was awaited
+    /// (`awaited` is asked then) and showing the child's log.
+    fn wait_until<T>(
+        &self,
+        deadline: Duration,
+        awaited: impl Fn() -> String,
+        mut found: impl FnMut() -> Option<T>,
+    ) -> T {
         let start = Instant::now();
         loop {
-            let files = files_ending_with(&self.dir, suffix);
-            if files.len() >= count {
-                return files;
+            if let Some(value) = found() {
+                return value;
             }
             if start.elapsed() > deadline {
-                panic!(
-                    "expected {count} *{suffix} files within {deadline:?}, found {files:?}; the child's log:\n{}",
-                    self.log_text()
-                );
+                panic!("{} within {deadline:?}; the child's log:\n{}", awaited(), self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until `count` dump files of `kind` with extension `ext` exist, and returns them
+    /// sorted.
+    pub fn wait_for_files(&self, kind: ProfileKind, ext: &str, count: usize, deadline: Duration) -> Vec<PathBuf> {
+        self.wait_until(
+            deadline,
+            || format!("expected {count} {kind} .{ext} files, found {:?}", dump_files(&self.dir, kind, ext)),
+            || Some(dump_files(&self.dir, kind, ext)).filter(|files| files.len() >= count),
+        )
     }
 
     /// Waits until the log contains `text`.
     pub fn wait_for_log(&self, text: &str, deadline: Duration) {
-        let start = Instant::now();
-        while !self.log_text().contains(text) {
-            if start.elapsed() > deadline {
-                panic!("the child's log never said {text:?} within {deadline:?}:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_log_count(text, 1, deadline);
     }
-}
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Waits until the log contains `text` at least `count` times.
+    pub fn wait_for_log_count(&self, text: &str, count: usize, deadline: Duration) {
+        self.wait_until(
+            deadline,
+            || match count {
+                1 => format!("the child's log never said {text:?}"),
+                _ => format!("the child's log never said {text:?} {count} times"),
+            },
+            || (self.log_text().matches(text).count() >= count).then_some(()),
+        );
     }
-}
 
-pub fn files_ending_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(suffix) && !n.starts_with('.'))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
+    /// Waits until `count` manifests exist, and returns them, oldest first.
+    pub fn wait_for_manifests(&self, count: usize, deadline: Duration) -> Vec<(PathBuf, serde_json::Value)> {
+        self.wait_until(
+            deadline,
+            || format!("expected {count} manifests, found {}", manifests(&self.dir).len()),
+            || Some(manifests(&self.dir)).filter(|found| found.len() >= count),
+        )
+    }
 }
 
 /// Work that stays on the CPU in one function the profile must name.
@@ -285,46 +257,11 @@ pub fn command_name() -> String {
 
 /// The manifests in `dir`, oldest first, parsed.
 pub fn manifests(dir: &Path) -> Vec<(PathBuf, serde_json::Value)> {
-    files_ending_with(dir, ".json")
+    dump_files(dir, ProfileKind::Manifest, "json")
         .into_iter()
-        .filter(|p| p.file_name().unwrap().to_str().unwrap().contains("-manifest-"))
         .map(|p| {
             let json = read_json(&p);
             (p, json)
         })
         .collect()
-}
-
-impl Service {
-    /// Waits until `count` manifests exist, and returns them, oldest first.
-    pub fn wait_for_manifests(&self, count: usize, deadline: Duration) -> Vec<(PathBuf, serde_json::Value)> {
-        let start = Instant::now();
-        loop {
-            let found = manifests(&self.dir);
-            if found.len() >= count {
-                return found;
-            }
-            if start.elapsed() > deadline {
-                panic!(
-                    "expected {count} manifests within {deadline:?}, found {}; the child's log:\n{}",
-                    found.len(),
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Service {
-    /// Waits until the log contains `text` at least `count` times.
-    pub fn wait_for_log_count(&self, text: &str, count: usize, deadline: Duration) {
-        let start = Instant::now();
-        while self.log_text().matches(text).count() < count {
-            if start.elapsed() > deadline {
-                panic!("the child's log never said {text:?} {count} times within {deadline:?}:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }

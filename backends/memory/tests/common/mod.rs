@@ -3,16 +3,14 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use onsite_core::pprof::{FunctionTotal, decode, function_totals, proto::Profile};
+use onsite_core::test_support::{self, ChildTest};
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler, WrittenFile};
 use onsite_memory::MemoryProfiler;
 
-/// Which child role the test binary plays (the child test's name).
-pub const ROLE_ENV: &str = "ONSITE_MEMORY_TEST_ROLE";
 /// Where the child writes its captures.
 pub const DIR_ENV: &str = "ONSITE_MEMORY_TEST_DIR";
 /// A file the child rewrites with its progress (e.g. the cycle it is in).
@@ -20,58 +18,14 @@ pub const PROGRESS_FILE: &str = "progress";
 
 /// The dump directory when this process is the child playing `role`, else `None`.
 pub fn child_role(role: &str) -> Option<PathBuf> {
-    (std::env::var(ROLE_ENV).ok()? == role).then(|| PathBuf::from(std::env::var(DIR_ENV).unwrap()))
+    (test_support::role()? == role).then(|| PathBuf::from(std::env::var(DIR_ENV).unwrap()))
 }
 
 /// Runs this test binary's `#[ignore]`d test `role` as a child writing into `dir`. Fails if it
 /// does not succeed, if it runs past `deadline`, or if its progress file stays unchanged for
 /// `stall` (the child is killed then).
 pub fn run_child(role: &str, dir: &Path, deadline: Duration, stall: Duration) {
-    let stderr_path = dir.join("child-stderr.txt");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", role, "--ignored", "--nocapture", "--test-threads=1"])
-        .env(ROLE_ENV, role)
-        .env(DIR_ENV, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let mut last_progress = String::new();
-    let mut progress_at = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let stderr = tail(&stderr_path);
-            assert!(
-                status.success(),
-                "child {role} failed: {status}; progress {last_progress:?}; stderr tail:\n{stderr}"
-            );
-            return;
-        }
-        let progress = std::fs::read_to_string(dir.join(PROGRESS_FILE)).unwrap_or_default();
-        if progress != last_progress {
-            last_progress = progress;
-            progress_at = Instant::now();
-        }
-        if started.elapsed() > deadline || progress_at.elapsed() > stall {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "child {role} killed: no progress for {:?} (at {last_progress:?}) or past its {deadline:?} deadline; \
-                 stderr tail:\n{}",
-                progress_at.elapsed(),
-                tail(&stderr_path)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(3000);
-    text[text.floor_char_boundary(start)..].to_owned()
+    ChildTest::new(role).env(DIR_ENV, dir).progress_file(dir.join(PROGRESS_FILE), stall).run(deadline);
 }
 
 /// Notes the child's progress for the parent's stall check.
@@ -87,17 +41,6 @@ pub fn capture(profiler: &mut MemoryProfiler, dir: &Path, during: impl FnOnce())
     let out = CaptureOutput::new(DumpDir::new(dir), CaptureStamp::now());
     stopper.stop(&out).expect("memory capture stops and writes");
     out.written().into_iter().map(|(_, f)| f).collect()
-}
-
-/// The one file under `dir` whose name ends with `suffix`.
-pub fn only_file(dir: &Path, suffix: &str) -> PathBuf {
-    let found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().ends_with(suffix))
-        .collect();
-    assert_eq!(found.len(), 1, "one *{suffix} in {}: {found:?}", dir.display());
-    found.into_iter().next().unwrap()
 }
 
 pub fn read_pprof(path: &Path) -> Profile {
