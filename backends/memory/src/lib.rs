@@ -144,7 +144,8 @@ mod mode {
     pub(crate) const PROBE: u32 = 1;
     /// A dhat capture: every call goes through `dhat::Alloc`.
     pub(crate) const DHAT: u32 = 2;
-    /// A dhat capture is stopping: `System` for everyone while dhat writes its report.
+    /// A capture is stopping: `System` for everyone while it writes its report, and no other
+    /// capture can start.
     pub(crate) const DRAINING: u32 = 3;
     /// A sampled capture (with its generation in the upper bits of the word).
     pub(crate) const SAMPLED: u32 = 4;
@@ -268,7 +269,7 @@ mod routed {
     pub(super) unsafe fn dealloc(word: u32, ptr: *mut u8, layout: Layout) {
         if mode::of(word) == mode::SAMPLED {
             // Forget the block before `System` can hand its address out again.
-            sampled::on_free(ptr);
+            let _ = sampled::on_free(ptr);
             // SAFETY: forwarded as received.
             return unsafe { System.dealloc(ptr, layout) };
         }
@@ -295,13 +296,20 @@ mod routed {
             // A realloc is a free of the old block and an allocation of the new size, for the
             // books as for dhat. The old block is forgotten first: once `System` has it, its
             // address may be handed to another thread and sampled there.
-            sampled::on_free(ptr);
+            let forgotten = sampled::on_free(ptr);
             if sampled::count_down(word, new_size) {
                 // SAFETY: forwarded as received.
-                return unsafe { System.realloc(ptr, layout, new_size) };
+                let new = unsafe { System.realloc(ptr, layout, new_size) };
+                if new.is_null()
+                    && let Some(forgotten) = forgotten
+                {
+                    // Not freed after all: the old block is still the caller's, still live.
+                    sampled::restore(ptr, forgotten);
+                }
+                return new;
             }
             // SAFETY: forwarded as received.
-            return unsafe { sampled::realloc_past_budget(word, ptr, layout, new_size) };
+            return unsafe { sampled::realloc_past_budget(word, ptr, layout, new_size, forgotten) };
         }
         // SAFETY: forwarded as received.
         unsafe { realloc_other(word, ptr, layout, new_size) }

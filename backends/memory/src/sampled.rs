@@ -148,7 +148,13 @@ pub(crate) fn start(mean_bytes: u64) -> SampledStopper {
     GENERATION.store(generation, Ordering::Relaxed);
     // Before the mode word: a thread that samples must find the walker (it allocates, too).
     stack_walk::install();
-    let stopper = SampledStopper { mean_bytes, started: SystemTime::now(), clock: Instant::now(), stopped: false };
+    let stopper = SampledStopper {
+        mean_bytes,
+        started: SystemTime::now(),
+        clock: Instant::now(),
+        sampling: true,
+        released: false,
+    };
     // SeqCst: a thread that sees this word also sees the mean and the cleared tables.
     MODE.store(word_of(generation), Ordering::SeqCst);
     stopper
@@ -212,7 +218,7 @@ pub(crate) unsafe fn alloc_past_budget(word: u32, layout: Layout, zeroed: bool) 
     let ptr = unsafe { crate::routed::system_alloc(layout, zeroed) };
     if sampled {
         if !ptr.is_null() {
-            record(ptr as usize, layout.size());
+            record(word, ptr as usize, layout.size());
         }
         THREAD.with(|t| t.busy.set(false));
     }
@@ -224,14 +230,24 @@ pub(crate) unsafe fn alloc_past_budget(word: u32, layout: Layout, zeroed: bool) 
 /// # Safety
 /// As `GlobalAlloc::realloc`.
 #[inline(never)]
-pub(crate) unsafe fn realloc_past_budget(word: u32, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+pub(crate) unsafe fn realloc_past_budget(
+    word: u32,
+    ptr: *mut u8,
+    layout: Layout,
+    new_size: usize,
+    forgotten: Option<Forgotten>,
+) -> *mut u8 {
     let sampled = take_sample(word, new_size);
     // SAFETY: forwarded as received.
     let new = unsafe { System.realloc(ptr, layout, new_size) };
-    if sampled {
-        if !new.is_null() {
-            record(new as usize, new_size);
+    if new.is_null() {
+        if let Some(forgotten) = forgotten {
+            restore(ptr, forgotten);
         }
+    } else if sampled {
+        record(word, new as usize, new_size);
+    }
+    if sampled {
         THREAD.with(|t| t.busy.set(false));
     }
     new
@@ -269,12 +285,29 @@ fn take_sample(word: u32, size: usize) -> bool {
 }
 
 /// Called for every free (and the old block of every realloc) while sampling, before the block
-/// goes back to `System`.
+/// goes back to `System`. Returns the live-table entry it removed, if the block was sampled:
+/// a realloc that fails puts it back (the old block is then still the caller's).
 #[inline(always)]
-pub(crate) fn on_free(ptr: *mut u8) {
+pub(crate) fn on_free(ptr: *mut u8) -> Option<Forgotten> {
     let address = ptr as usize;
     if FILTER[filter_class(address)].load(Ordering::Relaxed) != 0 {
-        forget(address);
+        return forget(address);
+    }
+    None
+}
+
+/// A sampled block's live-table entry (`size << 16 | site`), taken out by [`on_free`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forgotten(u64);
+
+/// Puts back the entry of a block whose realloc failed (so it was not freed after all).
+#[cold]
+#[inline(never)]
+pub(crate) fn restore(ptr: *mut u8, forgotten: Forgotten) {
+    let Some(_entered) = enter(|word| mode::of(word) == mode::SAMPLED) else { return };
+    let Forgotten(block) = forgotten;
+    if !insert_live(ptr as usize, (block & 0xffff) as u32, block >> 16) {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -297,30 +330,35 @@ fn find_live(address: usize, home: usize) -> Option<usize> {
 /// freeing thread owns the block, so nobody else can add or remove its address meanwhile.
 #[cold]
 #[inline(never)]
-fn forget(address: usize) {
+fn forget(address: usize) -> Option<Forgotten> {
     let home = home_slot(address);
-    if find_live(address, home).is_none() {
-        return;
-    }
-    let Some(_entered) = enter() else { return };
+    find_live(address, home)?;
+    // A block sampled in an earlier capture that is still in the tables is forgotten too:
+    // it is not live any more, whichever capture reads the tables.
+    let _entered = enter(|word| mode::of(word) == mode::SAMPLED)?;
     // Looked up again once counted: the tables may have been cleared for a new capture
     // between the first look and `enter`. What was freed needs no count of its own: the
     // writer takes "in use" from the blocks still in the live table.
-    if let Some(index) = find_live(address, home) {
-        LIVE_ADDRESS[index].store(TOMBSTONE, Ordering::Release);
-        FILTER[filter_class(address)].fetch_sub(1, Ordering::Relaxed);
-    }
+    let index = find_live(address, home)?;
+    let block = LIVE_BLOCK[index].load(Ordering::Relaxed);
+    LIVE_ADDRESS[index].store(TOMBSTONE, Ordering::Release);
+    FILTER[filter_class(address)].fetch_sub(1, Ordering::Relaxed);
+    Some(Forgotten(block))
 }
 
-/// Counts this call as in flight if the capture still runs (see `in_flight`).
-fn enter() -> Option<in_flight::Entered> {
-    in_flight::enter(|word| mode::of(word) == mode::SAMPLED)
+/// Counts this call as in flight if the mode word satisfies `wanted` (see `in_flight`).
+fn enter(wanted: impl FnOnce(u32) -> bool) -> Option<in_flight::Entered> {
+    in_flight::enter(wanted)
 }
 
 /// Records one sampled block: its stack (into `SITES`) and itself (into the live table).
-#[inline(never)]
-fn record(address: usize, size: usize) {
-    let Some(_entered) = enter() else { return };
+/// Inlined into its two callers so the stack walk starts one frame from the service's code
+/// (see `stack_walk::capture`).
+#[inline(always)]
+fn record(word: u32, address: usize, size: usize) {
+    // Only into the capture whose budget decided this sample: if that capture ended since
+    // (and another began), its mean and its tables are not this one's.
+    let Some(_entered) = enter(|current| current == word) else { return };
     let mut ips = [0usize; MAX_DEPTH];
     let depth = stack_walk::capture(&mut ips);
     let recorded = site_for(&ips[..depth]).is_some_and(|site| {
@@ -406,8 +444,13 @@ fn home_slot(address: usize) -> usize {
     ((address as u64 >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - LIVE_BITS)) as usize
 }
 
-/// A fresh exponential budget with the capture's mean (at least 1 byte).
+/// A fresh exponential budget with the capture's mean; 0 (every allocation sampled, exact
+/// counts, like Go's `MemProfileRate = 1`) when the mean is 1.
 fn next_budget(t: &ThreadSampler) -> u64 {
+    let mean = MEAN_BYTES.load(Ordering::Relaxed);
+    if mean <= 1 {
+        return 0;
+    }
     let mut x = t.rng.get();
     if x == 0 {
         // Seed from the thread's own thread-local address and the generation: distinct per
@@ -422,9 +465,10 @@ fn next_budget(t: &ThreadSampler) -> u64 {
     t.rng.set(x);
     let bits = x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 random bits
     let uniform = (bits as f64 + 0.5) / (1u64 << 53) as f64; // in (0, 1)
-    let mean = MEAN_BYTES.load(Ordering::Relaxed) as f64;
     // At most ~37 means (`uniform` is at least 2^-54), so no overflow up to `MAX_MEAN_BYTES`.
-    ((-uniform.ln()) * mean).max(1.0) as u64
+    // Rounded down: an allocation of `s` bytes then exhausts the budget (is sampled) with
+    // probability exactly `1 - exp(-s / mean)` for whole `s`, what `scale` assumes.
+    ((-uniform.ln()) * mean as f64) as u64
 }
 
 /// Go's `scaleHeapSample`: from sampled counts to an estimate of what was really allocated,
@@ -447,30 +491,45 @@ pub(crate) struct SampledStopper {
     mean_bytes: u64,
     started: SystemTime,
     clock: Instant,
-    stopped: bool,
+    sampling: bool,
+    released: bool,
 }
 
 impl SampledStopper {
-    fn finish(&mut self) {
-        if !self.stopped {
-            self.stopped = true;
-            MODE.store(mode::OFF, Ordering::SeqCst);
+    /// Ends sampling. The mode goes to `DRAINING`, not `OFF`: every call goes to `System`,
+    /// and no other capture can claim the allocator (and clear the tables) while this one
+    /// reads them. Then waits until no call is left inside the tables.
+    fn end_sampling(&mut self) {
+        if self.sampling {
+            self.sampling = false;
+            MODE.store(mode::DRAINING, Ordering::SeqCst);
             in_flight::wait_until_none();
+        }
+    }
+
+    /// After the tables were read and the file written: the walker goes (and with it the pins
+    /// that kept every object the stacks point into loaded while they were symbolised), and
+    /// the allocator is free for the next capture.
+    fn release(&mut self) {
+        if !self.released {
+            self.end_sampling();
+            self.released = true;
             stack_walk::uninstall();
             DIRTY.store(true, Ordering::SeqCst);
+            MODE.store(mode::OFF, Ordering::SeqCst);
         }
     }
 }
 
 impl Drop for SampledStopper {
     fn drop(&mut self) {
-        self.finish();
+        self.release();
     }
 }
 
 impl Stopper for SampledStopper {
     fn stop(mut self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError> {
-        self.finish();
+        self.end_sampling();
         let dropped = DROPPED.load(Ordering::Relaxed);
         let mut builder = heap_pprof::builder(self.started, self.clock.elapsed(), self.mean_bytes as i64);
         builder.comment(&format!(
@@ -514,8 +573,9 @@ impl Stopper for SampledStopper {
             ips.extend(site.ips[..depth].iter().map(|ip| ip.load(Ordering::Relaxed)));
             builder.add_addresses(&ips, &[alloc_objects, alloc_space, inuse_objects, inuse_space], &[]);
         }
-        out.write(ProfileKind::Memory, "pprof", |w| builder.write_gzip(w))?;
-        Ok(())
+        let written = out.write(ProfileKind::Memory, "pprof", |w| builder.write_gzip(w));
+        self.release();
+        written.map(|_| ())
     }
 }
 
@@ -578,6 +638,27 @@ mod tests {
         // Another capture's word: this thread's budget is stale there, whatever is left of it.
         set(word, 1 << 40);
         assert!(!count_down(word_of(8), 1));
+    }
+
+    #[test]
+    fn a_filter_class_refuses_its_256th_block_rather_than_wrap() {
+        // Addresses one filter period apart share a class; none of these is dereferenced.
+        let period = 1usize << (FILTER_GRANULE_BITS + FILTER_BITS);
+        let address = |k: usize| 0x5000_0000_0000 + k * period;
+        let class = &FILTER[filter_class(address(0))];
+        for k in 0..255 {
+            assert!(insert_live(address(k), 0, 64), "block {k}");
+        }
+        assert_eq!(class.load(Ordering::Relaxed), 255);
+        // A wrapped counter would read 0 and hide all 256 blocks from their frees.
+        assert!(!insert_live(address(255), 0, 64));
+        assert_eq!(class.load(Ordering::Relaxed), 255);
+        assert!(find_live(address(255), home_slot(address(255))).is_none());
+        assert!(find_live(address(254), home_slot(address(254))).is_some());
+        // Clearing for the next capture empties both the live table and the class.
+        clear_tables();
+        assert_eq!(class.load(Ordering::Relaxed), 0);
+        assert!(find_live(address(0), home_slot(address(0))).is_none());
     }
 
     #[test]

@@ -22,13 +22,21 @@
 //!   start, JIT code) stops and the sample is walked by libgcc instead.
 //! - **Registered objects stay loaded until the walker is gone**: each is pinned with
 //!   `dlopen(RTLD_NOLOAD)` (one more reference on the object already there, checked to be the
-//!   same object by its load address) and released with `dlclose` by [`uninstall`]. A
-//!   `dlclose` by the service during the capture then only drops its own reference, so the
-//!   `.eh_frame` bytes a walk reads are never unmapped under it, and a walk needs no loader
-//!   call (an earlier version asked `dl_iterate_phdr` for the unload count on every walk: the
-//!   loader's lock, shared by all sampling threads, cost more than the walk). The program
-//!   itself cannot be unloaded and is not pinned; an object that cannot be pinned is not
-//!   registered (its frames go to libgcc).
+//!   same object by its load address and dynamic section) and released with `dlclose` by
+//!   [`uninstall`], which the capture's stop calls only after the file is written, so the
+//!   frames are also symbolised while their objects are loaded. A `dlclose` by the service
+//!   during the capture then only drops its own reference, so the `.eh_frame` bytes a walk
+//!   reads are never unmapped under it, and a walk needs no loader call (an earlier version
+//!   asked `dl_iterate_phdr` for the unload count on every walk: the loader's lock, shared by
+//!   all sampling threads, cost more than the walk). The pins are taken after
+//!   `dl_iterate_phdr` returns, never inside its callback: it holds the loader's list lock,
+//!   and `dlopen`/`dlclose` take the loader's main lock, which a `dlopen` elsewhere holds
+//!   while it waits for the list lock (taking them in that order deadlocked a capture start
+//!   against a service loading a library). The program itself cannot be unloaded and is not
+//!   pinned; an object that cannot be pinned is not registered (its frames go to libgcc).
+//!   The price, for the length of a capture: a library the service unloads stays mapped
+//!   until the capture ends (its destructors then run on onsite's control thread), and
+//!   loading it again by the same path meanwhile gets the still-loaded copy back.
 //! - **Reads stay on this thread's stack**: a rule derived from bad or missing CFI could point
 //!   anywhere, so the walk reads only words between its own stack pointer and the top of the
 //!   thread's stack (from `pthread_getattr_np`, once per thread, cached in a const-initialised
@@ -68,7 +76,10 @@ fn reset_counts() {
 /// Fills `ips` with this thread's stack, leaf first (the walker's own frames included; the
 /// writer drops them), and returns how many frames it wrote. Only called from the sampler's
 /// counted section (see the module docs).
-#[inline(never)]
+///
+/// Inlined (with the walk) into the sampler's out-of-line paths: every frame of onsite's own
+/// between the walk and the service's code is one more frame to unwind per sample.
+#[inline(always)]
 pub(crate) fn capture(ips: &mut [usize]) -> usize {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if let Some(depth) = fast::walk(ips) {
@@ -109,7 +120,7 @@ pub(crate) fn uninstall() {}
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod fast {
     use std::cell::{Cell, UnsafeCell};
-    use std::ffi::CStr;
+    use std::ffi::{CStr, CString};
     use std::ops::Range;
     use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
@@ -214,6 +225,7 @@ mod fast {
 
     /// The caching walk of this thread's stack into `ips`, or `None` if it could not be
     /// finished cleanly (the caller walks with libgcc then).
+    #[inline(always)]
     pub(super) fn walk(ips: &mut [usize]) -> Option<usize> {
         let walker = WALKER.load(Ordering::Acquire);
         if walker.is_null() {
@@ -236,15 +248,18 @@ mod fast {
             let mut unwinder = UnwinderX86_64::new();
             let mut code = Vec::new();
             let mut pins = Vec::new();
-            for_each_object(|object| {
-                if let Some(module) = object.module()
-                    && let Some(pin) = object.pin()
-                {
+            // Pinned only after the loader's list was read: `dl_iterate_phdr` holds the
+            // loader's list lock while it calls back, and `dlopen`/`dlclose` take the loader's
+            // main lock, which a `dlopen` elsewhere holds while it waits for the list lock.
+            for object in loaded_objects() {
+                let Some(pin) = object.pin() else { continue };
+                // Read only now that the object is pinned: its sections stay mapped.
+                if let Some((range, module)) = object.module() {
                     pins.push(pin);
-                    code.push(module.0.clone());
-                    unwinder.add_module(module.1);
+                    code.push(range);
+                    unwinder.add_module(module);
                 }
-            });
+            }
             code.sort_by_key(|range| range.start);
             let slots = (0..CACHE_SLOTS)
                 .map(|_| CacheSlot { claimed: AtomicBool::new(false), caches: UnsafeCell::new(new_caches()) })
@@ -270,7 +285,7 @@ mod fast {
         /// Walks from this function's own frame. `None` when a frame is outside the
         /// registered code, a read falls outside `[stack pointer, top)`, or framehop gives up
         /// before the end of the stack.
-        #[inline(never)]
+        #[inline(always)]
         pub(super) fn walk(&self, caches: &mut Caches, top: usize, ips: &mut [usize]) -> Option<usize> {
             let (pc, sp, bp) = registers();
             let top = top as u64;
@@ -382,38 +397,40 @@ mod fast {
         }
     }
 
-    /// One loaded object as `dl_iterate_phdr` shows it.
-    struct LoadedObject<'a> {
-        name: &'a CStr,
+    /// One loaded object as `dl_iterate_phdr` showed it, copied out of the callback.
+    struct LoadedObject {
+        name: CString,
         bias: u64,
-        headers: &'a [libc::Elf64_Phdr],
+        headers: Vec<libc::Elf64_Phdr>,
     }
 
-    fn for_each_object(mut visit: impl FnMut(&LoadedObject<'_>)) {
+    /// The objects loaded now. Nothing but copying happens inside the loader's callback.
+    fn loaded_objects() -> Vec<LoadedObject> {
         unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, size: libc::size_t, data: *mut libc::c_void) -> i32 {
             if size < std::mem::size_of::<libc::dl_phdr_info>() {
                 return 0;
             }
-            // SAFETY: the loader passes a valid `info`; `data` is the `&mut dyn FnMut` below.
+            // SAFETY: the loader passes a valid `info`; `data` is the `Vec` below.
             unsafe {
                 let info = &*info;
-                let visit = &mut *(data as *mut &mut dyn FnMut(&LoadedObject<'_>));
+                let objects = &mut *(data as *mut Vec<LoadedObject>);
                 let headers = if info.dlpi_phdr.is_null() {
-                    &[][..]
+                    Vec::new()
                 } else {
-                    std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum))
+                    std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)).to_vec()
                 };
                 let name = if info.dlpi_name.is_null() { c"" } else { CStr::from_ptr(info.dlpi_name) };
-                visit(&LoadedObject { name, bias: info.dlpi_addr, headers });
+                objects.push(LoadedObject { name: name.to_owned(), bias: info.dlpi_addr, headers });
             }
             0
         }
-        let mut visit: &mut dyn FnMut(&LoadedObject<'_>) = &mut visit;
-        // SAFETY: the callback matches the signature and only calls `visit`.
-        unsafe { libc::dl_iterate_phdr(Some(each), &mut visit as *mut _ as *mut libc::c_void) };
+        let mut objects: Vec<LoadedObject> = Vec::new();
+        // SAFETY: the callback matches the signature and only pushes onto `objects`.
+        unsafe { libc::dl_iterate_phdr(Some(each), &mut objects as *mut Vec<LoadedObject> as *mut libc::c_void) };
+        objects
     }
 
-    impl LoadedObject<'_> {
+    impl LoadedObject {
         /// Keeps this object loaded until the pin is dropped; `None` if that cannot be done
         /// for this very object.
         fn pin(&self) -> Option<Pin> {
@@ -422,7 +439,8 @@ mod fast {
                 // whose `dlclose` never unloads.
                 return Some(Pin(std::ptr::null_mut()));
             }
-            pin_by_name(self.name, self.bias)
+            let dynamic = self.headers.iter().find(|h| h.p_type == libc::PT_DYNAMIC)?;
+            pin_by_name(&self.name, self.bias, self.bias.wrapping_add(dynamic.p_vaddr))
         }
 
         /// The object's code range (run-time addresses) and its framehop module, if it has
@@ -468,10 +486,11 @@ mod fast {
         }
     }
 
-    /// `dlopen(name, RTLD_NOLOAD)`, kept only if it is the object loaded at `bias` (a name
-    /// may have been loaded twice, or replaced).
+    /// `dlopen(name, RTLD_NOLOAD)`, kept only if it is the object that was listed with `bias`
+    /// and its dynamic section at `dynamic` (a name may be loaded twice, or the object may
+    /// have been unloaded and something else loaded since the list was read).
     #[cfg(target_env = "gnu")]
-    fn pin_by_name(name: &CStr, bias: u64) -> Option<Pin> {
+    fn pin_by_name(name: &CStr, bias: u64, dynamic: u64) -> Option<Pin> {
         // SAFETY: a valid C string; RTLD_NOLOAD never loads anything, it only counts one more
         // reference on an object already loaded.
         let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
@@ -480,18 +499,20 @@ mod fast {
         }
         let pin = Pin(handle);
         let mut map: *const u64 = std::ptr::null();
-        // SAFETY: RTLD_DI_LINKMAP writes a `struct link_map *` to the pointer given. `l_addr`
-        // (the load bias) is that struct's first field (<link.h>).
+        // SAFETY: RTLD_DI_LINKMAP writes a `struct link_map *` to the pointer given. Its first
+        // fields are `l_addr` (the load bias), `l_name` and `l_ld` (the dynamic section's
+        // address), all pointer-sized (<link.h>); the object is pinned, so it stays readable.
         let same = unsafe {
             libc::dlinfo(handle, libc::RTLD_DI_LINKMAP, &mut map as *mut *const u64 as *mut libc::c_void) == 0
                 && !map.is_null()
                 && *map == bias
+                && *map.add(2) == dynamic
         };
         same.then_some(pin)
     }
 
     #[cfg(not(target_env = "gnu"))]
-    fn pin_by_name(_: &CStr, _: u64) -> Option<Pin> {
+    fn pin_by_name(_: &CStr, _: u64, _: u64) -> Option<Pin> {
         None
     }
 
