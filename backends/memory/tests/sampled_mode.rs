@@ -208,7 +208,7 @@ fn child_captures_beside_dlopen() {
             black_box(vec![0u8; 4 * BLOCK]);
             drop(stopper); // abandoned: ends the capture without writing
         }
-        capture(&mut sampled(), &dir.join("last"), || black_box(planted_churn(8 * MIB)));
+        capture(&mut sampled(), &dir.join("last"), || planted_churn(8 * MIB));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     progress(&dir, "done");
