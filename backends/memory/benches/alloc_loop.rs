@@ -306,18 +306,6 @@ fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
 }
 
-/// Quartiles and min–max of `values`, as table cells.
-fn spread(values: Vec<f64>) -> String {
-    let values = sorted(values.into_iter());
-    format!(
-        "{:.3}–{:.3} | {:.3}–{:.3}",
-        quantile(&values, 0.25),
-        quantile(&values, 0.75),
-        values[0],
-        values[values.len() - 1]
-    )
-}
-
 #[allow(clippy::print_stdout)] // a benchmark's report is its output
 fn throughput(quick: bool) {
     let rounds = if quick { 1 } else { env_number("ONSITE_BENCH_ROUNDS", ROUNDS as u64) as usize };
@@ -330,16 +318,12 @@ fn throughput(quick: bool) {
         paired_round(&workers, setup, length / 4, 0, dir.path());
     }
     let measured = &SETUPS[1..];
-    // Per measured setup: (System's slices, the setup's slices), over all rounds, and the
-    // ratio of their medians in each round.
+    // Per measured setup: (System's slices, the setup's slices), round after round.
     let mut slices_of = vec![(Vec::new(), Vec::new()); measured.len()];
-    let mut round_ratios_of = vec![Vec::new(); measured.len()];
     for r in 0..rounds {
         for k in 0..measured.len() {
             let i = (r + k) % measured.len();
             let (system, other) = paired_round(&workers, measured[i], length, r, dir.path());
-            round_ratios_of[i]
-                .push(median(other.iter().map(Slice::per_cpu)) / median(system.iter().map(Slice::per_cpu)));
             slices_of[i].0.extend(system);
             slices_of[i].1.extend(other);
         }
@@ -352,39 +336,33 @@ fn throughput(quick: bool) {
         load_average()
     );
     println!(
-        "ratio = median of the setup's slices / median of System's slices beside them; also the same \
-         at the 75th percentile, and the quartiles and min–max of the ratio taken per round"
+        "ratio = per round, median of the setup's slices / median of System's slices beside them; the \
+         median of those over rounds, their quartiles and min–max; last column: the same ratio with all \
+         rounds' slices pooled"
     );
     println!();
     for (title, per_cpu) in [("per CPU-second the threads ran (headline)", true), ("per wall-clock second", false)] {
         let pick = |s: &Slice| if per_cpu { s.per_cpu() } else { s.per_wall() };
         println!("throughput {title}:");
         println!();
-        println!("| setup | ops/s (median) | ratio to System | at p75 | per round: quartiles | min–max |");
+        println!("| setup | ops/s (median) | ratio to System | quartiles | min–max | pooled |");
         println!("| --- | ---: | ---: | ---: | ---: | ---: |");
         let all_system = slices_of.iter().flat_map(|(system, _)| system.iter().map(pick));
-        println!("| {} | {:.2e} | 1 | 1 | | |", Setup::System.name(), median(all_system));
-        for (i, setup) in measured.iter().enumerate() {
-            let (system, other) = &slices_of[i];
-            let system: Vec<f64> = sorted(system.iter().map(pick));
-            let other: Vec<f64> = sorted(other.iter().map(pick));
-            let rounds = if per_cpu {
-                round_ratios_of[i].clone()
-            } else {
-                // Per-round ratios of wall-clock medians, recomputed from the slices.
-                let (s, o) = (&slices_of[i].0, &slices_of[i].1);
-                s.chunks(SLICES)
-                    .zip(o.chunks(SLICES))
-                    .map(|(s, o)| median(o.iter().map(pick)) / median(s.iter().map(pick)))
-                    .collect()
-            };
+        println!("| {} | {:.2e} | 1 | | | |", Setup::System.name(), median(all_system));
+        for (setup, (system, other)) in measured.iter().zip(&slices_of) {
+            let ratio =
+                |system: &[Slice], other: &[Slice]| median(other.iter().map(pick)) / median(system.iter().map(pick));
+            let rounds = sorted(system.chunks(SLICES).zip(other.chunks(SLICES)).map(|(s, o)| ratio(s, o)));
             println!(
-                "| {} | {:.2e} | **{:.3}** | {:.3} | {} |",
+                "| {} | {:.2e} | **{:.3}** | {:.3}–{:.3} | {:.3}–{:.3} | {:.3} |",
                 setup.name(),
-                quantile(&other, 0.5),
-                quantile(&other, 0.5) / quantile(&system, 0.5),
-                quantile(&other, 0.75) / quantile(&system, 0.75),
-                spread(rounds)
+                median(other.iter().map(pick)),
+                quantile(&rounds, 0.5),
+                quantile(&rounds, 0.25),
+                quantile(&rounds, 0.75),
+                rounds[0],
+                rounds[rounds.len() - 1],
+                ratio(system, other),
             );
         }
         println!();
