@@ -33,14 +33,16 @@
 //!   hashed index spread them over the whole filter and missed L1 on a third of all frees.
 //!   The filter is large (1 Mi classes) so that a big sampled heap marks few of them: with
 //!   2,000 live sampled blocks a free meets a marked class 0.2% of the time. Only the pages
-//!   around the heap's hot parts are ever touched. A free whose class holds entries first looks for its address without
-//!   writing anything; only a block that really was sampled takes the counted (`IN_FLIGHT`)
-//!   path that updates the tables.
+//!   around the heap's hot parts are ever touched. A free whose class holds entries first
+//!   looks for its address without writing anything; only a block that really was sampled
+//!   takes the counted (`in_flight`) path that updates the tables.
 //! - **Full tables** drop the sample (counted, logged and written as a profile comment) rather
 //!   than block or allocate.
-//! - **Stop**: the mode goes to `OFF`, then the stop waits for calls already inside the tables
-//!   (counted in `IN_FLIGHT`, only on the rare paths: a sample, or the free of a sampled
-//!   block). After that the tables are quiet and are read; they are cleared at the next start.
+//! - **Stop**: the mode goes to `DRAINING` (everything to `System`, and no other capture can
+//!   start), then the stop waits for calls already inside the tables (counted in `in_flight`,
+//!   only on the rare paths: a sample, or the free of a sampled block). After that the tables
+//!   are quiet; they are read and the file written, then the walker goes and the mode is
+//!   `OFF`. The tables are cleared at the next start.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -254,7 +256,7 @@ pub(crate) unsafe fn realloc_past_budget(
 }
 
 /// Decides about an allocation of `size` bytes that [`count_down`] did not settle, and sets
-/// this thread's countdown for what follows. On `true` the caller records the block and then
+/// this thread's budget for what follows. On `true` the caller records the block and then
 /// clears `busy`.
 fn take_sample(word: u32, size: usize) -> bool {
     // `word` came from a relaxed load; this pairs with the SeqCst store of it in `start`, so
