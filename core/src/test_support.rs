@@ -160,11 +160,14 @@ impl RunningChild {
         self.child.id()
     }
 
-    /// Sends it signal `signal`.
-    pub fn signal(&self, signal: libc::c_int) {
+    /// Sends it signal `signal`; the test fails if it has already exited.
+    pub fn signal(&mut self, signal: libc::c_int) {
+        if let Some(status) = self.child.try_wait().expect("waitpid on the child") {
+            panic!("{} exited ({status}) before signal {signal} could be sent\n{}", self.who, self.shown());
+        }
         let pid = libc::pid_t::try_from(self.pid()).expect("a pid fits pid_t");
-        // SAFETY: kill(2) on our own child, which is not reaped before this handle is dropped
-        // or waited for, so the pid is still its own.
+        // SAFETY: kill(2) on our own child, which was just seen running and is reaped only by
+        // this handle, so the pid is still its own (at worst a zombie, which ignores it).
         let rc = unsafe { libc::kill(pid, signal) };
         assert_eq!(rc, 0, "sending signal {signal} to {}: {}", self.who, std::io::Error::last_os_error());
     }
@@ -195,7 +198,19 @@ impl RunningChild {
                 // Its pipes close with it, unless it handed them on to a process still running:
                 // then what has arrived by the deadline is all there is.
                 if (self.stdout.is_closed() && self.stderr.is_closed()) || started.elapsed() > deadline {
-                    return ChildOutput { status, stdout: self.stdout(), stderr: self.stderr() };
+                    self.stdout.join_if_closed();
+                    self.stderr.join_if_closed();
+                    let output = ChildOutput { status, stdout: self.stdout(), stderr: self.stderr() };
+                    // libtest says this first; a child test name that matches nothing (a typo,
+                    // a missing `#[ignore]`d test) would otherwise pass, having run nothing. (A
+                    // child ended by a signal may have been stopped before it said anything.)
+                    assert!(
+                        output.status.code().is_none() || output.stdout.contains("running 1 test"),
+                        "{} ran no test: is it the name of an #[ignore]d test in this test crate?\n{}",
+                        self.who,
+                        self.shown()
+                    );
+                    return output;
                 }
             } else if started.elapsed() > deadline {
                 self.kill();
@@ -227,6 +242,14 @@ impl Drop for RunningChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The readers end with the pipes; a grandchild still holding them would keep them
+        // open, and those readers are left to end with it rather than block this drop.
+        let grace = Instant::now();
+        while !(self.stdout.is_closed() && self.stderr.is_closed()) && grace.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(POLL);
+        }
+        self.stdout.join_if_closed();
+        self.stderr.join_if_closed();
     }
 }
 
@@ -235,7 +258,8 @@ impl Drop for RunningChild {
 #[derive(Debug)]
 struct Stream {
     bytes: Arc<Mutex<Vec<u8>>>,
-    reader: JoinHandle<()>,
+    /// `None` once joined.
+    reader: Option<JoinHandle<()>>,
 }
 
 impl Stream {
@@ -253,7 +277,7 @@ impl Stream {
                 }
             }
         });
-        Stream { bytes, reader }
+        Stream { bytes, reader: Some(reader) }
     }
 
     fn text(&self) -> String {
@@ -262,7 +286,16 @@ impl Stream {
 
     /// Whether the pipe has reached its end (every writer closed it).
     fn is_closed(&self) -> bool {
-        self.reader.is_finished()
+        self.reader.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Joins the reader if it has finished (so no thread is left behind).
+    fn join_if_closed(&mut self) {
+        if self.is_closed()
+            && let Some(reader) = self.reader.take()
+        {
+            let _ = reader.join();
+        }
     }
 }
 

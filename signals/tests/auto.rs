@@ -86,7 +86,7 @@ fn a_rule_fires_once_writes_a_complete_capture_and_a_manifest_then_cools_down() 
 #[test]
 fn sigusr2_during_an_automatic_capture_stops_it_early() {
     let dir = tempfile::tempdir().unwrap();
-    let service = start(dir.path(), "threads>1 kinds=cpu capture=1h", &[]);
+    let mut service = start(dir.path(), "threads>1 kinds=cpu capture=1h", &[]);
     service.wait_for_log("capture started", DEADLINE);
     service.signal(libc::SIGUSR2);
     let manifests = service.wait_for_manifests(1, DEADLINE);
@@ -99,7 +99,7 @@ fn sigusr2_during_an_automatic_capture_stops_it_early() {
 #[test]
 fn a_rule_never_interrupts_a_manual_capture_and_fires_after_it() {
     let dir = tempfile::tempdir().unwrap();
-    let service = start(dir.path(), "threads>40 kinds=cpu capture=500ms", &[]);
+    let mut service = start(dir.path(), "threads>40 kinds=cpu capture=500ms", &[]);
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture started", DEADLINE);
     spike(dir.path());

@@ -58,7 +58,7 @@ fn retention_removes_only_onsites_own_oldest_captures() {
         std::fs::write(d.join(name), "not onsite's").unwrap();
     }
 
-    let service = Service::start(
+    let mut service = Service::start(
         "child_retaining_service",
         d,
         &[("ONSITE_KINDS", "cpu"), ("ONSITE_CPU_FLAMEGRAPH", "false"), ("ONSITE_RETAIN_CAPTURES", "2")],

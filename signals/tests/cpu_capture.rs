@@ -78,7 +78,7 @@ fn sigterm_during_a_capture_still_reaches_the_services_own_handler() {
 #[test]
 fn usr2_twice_writes_a_cpu_profile_naming_the_hot_function() {
     let dir = tempdir();
-    let service = Service::start("child_busy_service", dir.path(), &cpu_only());
+    let mut service = Service::start("child_busy_service", dir.path(), &cpu_only());
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture started", DEADLINE);
     std::thread::sleep(Duration::from_secs(2));
@@ -112,7 +112,7 @@ fn usr2_twice_writes_a_cpu_profile_naming_the_hot_function() {
 #[test]
 fn two_captures_in_one_second_get_distinct_names_with_the_childs_pid() {
     let dir = tempdir();
-    let service = Service::start(
+    let mut service = Service::start(
         "child_busy_service",
         dir.path(),
         &[("ONSITE_KINDS", "cpu"), ("ONSITE_CPU_FLAMEGRAPH", "false")],

@@ -116,7 +116,7 @@ fn child_full_service() {
 #[test]
 fn one_capture_writes_every_kind_and_each_names_the_childs_own_work() {
     let dir = tempfile::tempdir().unwrap();
-    let service = Service::start("child_full_service", dir.path(), &[("ONSITE_MUTEX_FRACTION", "1")]);
+    let mut service = Service::start("child_full_service", dir.path(), &[("ONSITE_MUTEX_FRACTION", "1")]);
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture started", DEADLINE);
     std::thread::sleep(Duration::from_secs(3));
@@ -171,7 +171,7 @@ fn one_capture_writes_every_kind_and_each_names_the_childs_own_work() {
 #[test]
 fn usr1_dumps_every_thread_with_its_function_idle_and_during_a_capture() {
     let dir = tempfile::tempdir().unwrap();
-    let service = Service::start("child_full_service", dir.path(), &[("ONSITE_KINDS", "threadcreate")]);
+    let mut service = Service::start("child_full_service", dir.path(), &[("ONSITE_KINDS", "threadcreate")]);
     service.signal(libc::SIGUSR1);
     let first = service.wait_for_files(ProfileKind::Threads, "txt", 1, DEADLINE);
     service.signal(libc::SIGUSR2);

@@ -117,9 +117,13 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Whether the tables hold a previous capture's data.
 static DIRTY: AtomicBool = AtomicBool::new(false);
 
+/// A thread's `word` before its first sampled allocation: its mode byte (0xff) is no mode's,
+/// so no mode word, `OFF` included, matches it.
+const NO_CAPTURE: u32 = u32::MAX;
+
 /// Per-thread sampling state (see the module docs).
 struct ThreadSampler {
-    /// The mode word of the capture `budget` counts for (0: none yet).
+    /// The mode word of the capture `budget` counts for; `NO_CAPTURE` (no mode's word) at first.
     word: Cell<u32>,
     /// Bytes left before the next sample.
     budget: Cell<u64>,
@@ -129,7 +133,7 @@ struct ThreadSampler {
 
 impl ThreadSampler {
     const fn new() -> Self {
-        ThreadSampler { word: Cell::new(0), budget: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
+        ThreadSampler { word: Cell::new(NO_CAPTURE), budget: Cell::new(0), rng: Cell::new(0), busy: Cell::new(false) }
     }
 }
 
@@ -180,7 +184,7 @@ fn clear_tables() {
             counter.store(0, Ordering::Relaxed);
         }
     }
-    for address in &LIVE_ADDRESS {
+    for address in LIVE_ADDRESS.iter().filter(|address| address.load(Ordering::Relaxed) != EMPTY) {
         match address.swap(EMPTY, Ordering::Relaxed) {
             EMPTY | TOMBSTONE => {}
             live => FILTER[filter_class(live)].store(0, Ordering::Relaxed),
@@ -260,14 +264,14 @@ pub(crate) unsafe fn realloc_past_budget(
 /// clears `busy`.
 fn take_sample(word: u32, size: usize) -> bool {
     // `word` came from a relaxed load; this pairs with the SeqCst store of it in `start`, so
-    // the mean read by `next_budget` is this capture's.
+    // the mean read for `next_budget` is this capture's.
     std::sync::atomic::fence(Ordering::Acquire);
     let size = size as u64;
     THREAD.with(|t| {
         if t.word.get() != word {
             // This thread's first allocation in this capture: its count starts here.
             t.word.set(word);
-            let budget = next_budget(t);
+            let budget = next_budget(t, MEAN_BYTES.load(Ordering::Relaxed));
             if size <= budget {
                 t.budget.set(budget - size);
                 return false;
@@ -275,7 +279,7 @@ fn take_sample(word: u32, size: usize) -> bool {
         }
         // Past the budget: sampled. Go discards the overshoot too: the next point of a
         // Poisson process is an exponential distance away wherever one starts counting.
-        t.budget.set(next_budget(t));
+        t.budget.set(next_budget(t, MEAN_BYTES.load(Ordering::Relaxed)));
         if t.busy.get() {
             // An allocation made while recording a sample (the stack walker's): not the
             // program's, and recording it would re-enter the sampler.
@@ -327,8 +331,8 @@ fn find_live(address: usize, home: usize) -> Option<usize> {
     None
 }
 
-/// A free whose filter group holds live sampled blocks. Most such blocks were not sampled
-/// (they only share the group), so the first look writes nothing and counts nothing; the
+/// A free whose filter class holds live sampled blocks. Most such blocks were not sampled
+/// (they only share the class), so the first look writes nothing and counts nothing; the
 /// freeing thread owns the block, so nobody else can add or remove its address meanwhile.
 #[cold]
 #[inline(never)]
@@ -448,8 +452,7 @@ fn home_slot(address: usize) -> usize {
 
 /// A fresh exponential budget with the capture's mean; 0 (every allocation sampled, exact
 /// counts, like Go's `MemProfileRate = 1`) when the mean is 1.
-fn next_budget(t: &ThreadSampler) -> u64 {
-    let mean = MEAN_BYTES.load(Ordering::Relaxed);
+fn next_budget(t: &ThreadSampler, mean: u64) -> u64 {
     if mean <= 1 {
         return 0;
     }
@@ -605,16 +608,19 @@ mod tests {
                 t.budget.set(left);
             })
         };
-        // Other modes' words never match a thread's budget, whatever it holds.
-        for other in [mode::PROBE, mode::DHAT, mode::DRAINING] {
-            set(0, 1000);
+        // A thread that never sampled matches no mode's word, `OFF` included; and other modes'
+        // words never match a thread's budget, whatever it holds.
+        for other in [mode::OFF, mode::PROBE, mode::DHAT, mode::DRAINING] {
+            set(ThreadSampler::new().word.get(), 1000);
+            assert!(!count_down(other, 1));
+            set(word, 1000);
             assert!(!count_down(other, 1));
         }
         // This thread's budget is from generation 6: the fast path does not settle it.
         set(word_of(6), 1000);
         assert!(!count_down(word, 1));
         if take_sample(word, 1) {
-            THREAD.with(|t| t.busy.set(false)); // a fresh budget of 1 byte: sampled at once
+            THREAD.with(|t| t.busy.set(false)); // a fresh budget under 1 byte: sampled at once
         }
         assert_eq!(budget().0, word);
         // The fast path counts the budget down to 0 exactly...
@@ -632,7 +638,6 @@ mod tests {
         set(word, 0);
         assert!(take_sample(word, 1));
         assert_eq!(budget().0, word);
-        assert!(budget().1 >= 1);
         // While that sample is being recorded, nothing else is sampled (no recursion).
         set(word, 0);
         assert!(!take_sample(word, 1));
@@ -665,15 +670,13 @@ mod tests {
 
     #[test]
     fn budgets_are_exponential_around_the_mean() {
-        MEAN_BYTES.store(1000, Ordering::Relaxed);
         let t = ThreadSampler::new();
         let n = 20_000;
-        let draws: Vec<u64> = (0..n).map(|_| next_budget(&t)).collect();
+        let draws: Vec<u64> = (0..n).map(|_| next_budget(&t, 1000)).collect();
         let mean = draws.iter().sum::<u64>() as f64 / n as f64;
         assert!((950.0..1050.0).contains(&mean), "mean {mean}");
         // Exponential: about e^-1 of the draws exceed the mean.
         let above = draws.iter().filter(|&&d| d > 1000).count() as f64 / n as f64;
         assert!((0.34..0.40).contains(&above), "{above}");
-        MEAN_BYTES.store(crate::DEFAULT_SAMPLE_BYTES, Ordering::Relaxed);
     }
 }

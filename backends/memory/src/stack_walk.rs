@@ -190,7 +190,7 @@ mod fast {
         caches: UnsafeCell<Caches>,
     }
 
-    // SAFETY: `cache` is only touched by the thread that claimed the slot (`claimed` swapped
+    // SAFETY: `caches` are only touched by the thread that claimed the slot (`claimed` swapped
     // from false to true with Acquire, released with Release), so never by two at once.
     unsafe impl Sync for CacheSlot {}
 

@@ -54,7 +54,7 @@ impl Service {
         self.child.pid() as i32
     }
 
-    pub fn signal(&self, sig: i32) {
+    pub fn signal(&mut self, sig: i32) {
         self.child.signal(sig);
     }
 
