@@ -223,7 +223,7 @@ impl RunningChild {
         }
     }
 
-    /// Kills it, reaps it, and gives its output a moment to arrive for the failure message.
+    /// Kills it, reaps it, and gives its output (the pipes' ends) a moment to arrive.
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -240,14 +240,9 @@ impl RunningChild {
 
 impl Drop for RunningChild {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         // The readers end with the pipes; a grandchild still holding them would keep them
         // open, and those readers are left to end with it rather than block this drop.
-        let grace = Instant::now();
-        while !(self.stdout.is_closed() && self.stderr.is_closed()) && grace.elapsed() < Duration::from_secs(2) {
-            std::thread::sleep(POLL);
-        }
         self.stdout.join_if_closed();
         self.stderr.join_if_closed();
     }
