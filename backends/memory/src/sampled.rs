@@ -310,7 +310,7 @@ pub(crate) struct Forgotten(u64);
 #[cold]
 #[inline(never)]
 pub(crate) fn restore(ptr: *mut u8, forgotten: Forgotten) {
-    let Some(_entered) = enter(|word| mode::of(word) == mode::SAMPLED) else { return };
+    let Some(_entered) = in_flight::enter(|word| mode::of(word) == mode::SAMPLED) else { return };
     let Forgotten(block) = forgotten;
     if !insert_live(ptr as usize, (block & 0xffff) as u32, block >> 16) {
         DROPPED.fetch_add(1, Ordering::Relaxed);
@@ -341,7 +341,7 @@ fn forget(address: usize) -> Option<Forgotten> {
     find_live(address, home)?;
     // A block sampled in an earlier capture that is still in the tables is forgotten too:
     // it is not live any more, whichever capture reads the tables.
-    let _entered = enter(|word| mode::of(word) == mode::SAMPLED)?;
+    let _entered = in_flight::enter(|word| mode::of(word) == mode::SAMPLED)?;
     // Looked up again once counted: the tables may have been cleared for a new capture
     // between the first look and `enter`. What was freed needs no count of its own: the
     // writer takes "in use" from the blocks still in the live table.
@@ -352,11 +352,6 @@ fn forget(address: usize) -> Option<Forgotten> {
     Some(Forgotten(block))
 }
 
-/// Counts this call as in flight if the mode word satisfies `wanted` (see `in_flight`).
-fn enter(wanted: impl FnOnce(u32) -> bool) -> Option<in_flight::Entered> {
-    in_flight::enter(wanted)
-}
-
 /// Records one sampled block: its stack (into `SITES`) and itself (into the live table).
 /// Inlined into its two callers so the stack walk starts one frame from the service's code
 /// (see `stack_walk::capture`).
@@ -364,7 +359,7 @@ fn enter(wanted: impl FnOnce(u32) -> bool) -> Option<in_flight::Entered> {
 fn record(word: u32, address: usize, size: usize) {
     // Only into the capture whose budget decided this sample: if that capture ended since
     // (and another began), its mean and its tables are not this one's.
-    let Some(_entered) = enter(|current| current == word) else { return };
+    let Some(_entered) = in_flight::enter(|current| current == word) else { return };
     let mut ips = [0usize; MAX_DEPTH];
     let depth = stack_walk::capture(&mut ips);
     let recorded = site_for(&ips[..depth]).is_some_and(|site| {
