@@ -5,6 +5,8 @@
 //! - [`DumpDir`] and [`CaptureStamp`]: `{command}-{pid}-{kind}-{timestamp}.{ext}` naming;
 //! - [`write_new_file`] and [`CaptureOutput`]: the one all-or-nothing, no-symlink file writer;
 //! - [`pprof`]: the one builder from stacks to gzip'd `profile.proto`, and a reader for it;
+//! - [`StackTable`]: the one fixed, lock-free table of distinct stacks that backends recording
+//!   from an allocator or a hook index their counters by;
 //! - `test_support` (feature `test-support`, for tests only): running a test's child process
 //!   in a role with a deadline, and finding the dump files of one kind.
 //!
@@ -15,6 +17,7 @@ mod kind;
 mod naming;
 pub mod pprof;
 mod profiler;
+mod stack_table;
 /// For onsite's own tests (and services' tests if they like), not for production code.
 #[cfg(feature = "test-support")]
 pub mod test_support;
@@ -23,4 +26,5 @@ mod write;
 pub use kind::{ProfileKind, UnknownKind};
 pub use naming::{CaptureStamp, ConfigError, DumpDir, format_utc_millis};
 pub use profiler::{CaptureError, CaptureOutput, NoopStopper, Profiler, Stopper};
+pub use stack_table::StackTable;
 pub use write::{WriteError, WrittenFile, write_new_file};

@@ -21,21 +21,22 @@
 //!   addresses into a buffer on the stack); they are symbolised when the file is written. A
 //!   per-thread `busy` flag keeps anything the walk allocates from being sampled (no recursion
 //!   into the sampler).
-//! - **Tables** are fixed-size statics of atomics (no allocation, no lock in the allocator):
-//!   `SITES` (one per distinct stack, with its counts) and `LIVE_ADDRESS` / `LIVE_BLOCK`
-//!   (address → site and size of each sampled block still live). A free must know whether its
-//!   block was sampled: `FILTER` counts the live sampled blocks per address class (bits 8..28
-//!   of the address: 256-byte granules, addresses 256 MiB apart share a class), so the common
-//!   free (a block never sampled, or allocated before the capture) costs a shift, a mask and
-//!   one byte load, and nothing else. The class is taken straight from the address rather than
-//!   hashed: blocks a thread frees are near each other in its heap, so the bytes their frees
-//!   read are too (one cache line of the filter covers 16 KiB of heap), and stay in L1; a
-//!   hashed index spread them over the whole filter and missed L1 on a third of all frees.
-//!   The filter is large (1 Mi classes) so that a big sampled heap marks few of them: with
-//!   2,000 live sampled blocks a free meets a marked class 0.2% of the time. Only the pages
-//!   around the heap's hot parts are ever touched. A free whose class holds entries first
-//!   looks for its address without writing anything; only a block that really was sampled
-//!   takes the counted (`in_flight`) path that updates the tables.
+//! - **Tables** are fixed-size statics of atomics (no allocation, no lock in the
+//!   allocator): `SITES` (onsite-core's `StackTable`: one entry per distinct stack; its
+//!   counts beside it in `SITE_COUNTS`) and `LIVE_ADDRESS` / `LIVE_BLOCK` (address → site
+//!   and size of each sampled block still live). A free must know whether its block was
+//!   sampled: `FILTER` counts the live sampled blocks per address class (bits 8..28 of the
+//!   address: 256-byte granules, addresses 256 MiB apart share a class), so the common free
+//!   (a block never sampled, or allocated before the capture) costs a shift, a mask and one
+//!   byte load, and nothing else. The class is taken straight from the address rather than
+//!   hashed: blocks a thread frees are near each other in its heap, so the bytes their
+//!   frees read are too (one cache line of the filter covers 16 KiB of heap), and stay in
+//!   L1; a hashed index spread them over the whole filter and missed L1 on a third of all
+//!   frees. The filter is large (1 Mi classes) so that a big sampled heap marks few of
+//!   them: with 2,000 live sampled blocks a free meets a marked class 0.2% of the time.
+//!   Only the pages around the heap's hot parts are ever touched. A free whose class holds
+//!   entries first looks for its address without writing anything; only a block that really
+//!   was sampled takes the counted (`in_flight`) path that updates the tables.
 //! - **Full tables** drop the sample (counted, logged and written as a profile comment) rather
 //!   than block or allocate.
 //! - **Stop**: the mode goes to `DRAINING` (everything to `System`, and no other capture can
@@ -49,7 +50,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
-use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Stopper};
+use onsite_core::{CaptureError, CaptureOutput, ProfileKind, StackTable, Stopper};
 
 use crate::{MODE, heap_pprof, in_flight, mode, stack_walk};
 
@@ -76,31 +77,17 @@ pub(crate) const MAX_MEAN_BYTES: u64 = 1 << 40;
 const EMPTY: usize = 0;
 const TOMBSTONE: usize = 1;
 
-struct Site {
-    /// The stack's hash, 0 while the slot is free.
-    hash: AtomicU64,
-    /// Set (Release) once `depth` and `ips` are written.
-    ready: AtomicBool,
-    depth: AtomicUsize,
-    ips: [AtomicUsize; MAX_DEPTH],
+/// What was sampled at one stack of `SITES` (by the same index).
+struct SiteCounts {
     alloc_count: AtomicU64,
     alloc_bytes: AtomicU64,
 }
 
-impl Site {
-    const fn new() -> Self {
-        Site {
-            hash: AtomicU64::new(0),
-            ready: AtomicBool::new(false),
-            depth: AtomicUsize::new(0),
-            ips: [const { AtomicUsize::new(0) }; MAX_DEPTH],
-            alloc_count: AtomicU64::new(0),
-            alloc_bytes: AtomicU64::new(0),
-        }
-    }
-}
-
-static SITES: [Site; SITE_SLOTS] = [const { Site::new() }; SITE_SLOTS];
+/// The distinct stacks of sampled allocations (a lookup gives up after `PROBE_LIMIT`
+/// entries, so a full table costs a sample little), and what each allocated.
+static SITES: StackTable<SITE_SLOTS, MAX_DEPTH> = StackTable::new(PROBE_LIMIT);
+static SITE_COUNTS: [SiteCounts; SITE_SLOTS] =
+    [const { SiteCounts { alloc_count: AtomicU64::new(0), alloc_bytes: AtomicU64::new(0) } }; SITE_SLOTS];
 /// Each live sampled block's address, or `EMPTY` / `TOMBSTONE`. Kept apart from `LIVE_BLOCK`
 /// so a lookup reads 8 candidate addresses per cache line.
 static LIVE_ADDRESS: [AtomicUsize; LIVE_SLOTS] = [const { AtomicUsize::new(EMPTY) }; LIVE_SLOTS];
@@ -177,13 +164,11 @@ const fn word_of(generation: u32) -> u32 {
 /// untouched (and not resident): the sites that were claimed, and the filter classes of the
 /// blocks still in the live table (the filter counts exactly those).
 fn clear_tables() {
-    for site in SITES.iter().filter(|site| site.hash.load(Ordering::Relaxed) != 0) {
-        site.hash.store(0, Ordering::Relaxed);
-        site.ready.store(false, Ordering::Relaxed);
-        for counter in [&site.alloc_count, &site.alloc_bytes] {
+    SITES.clear(|site| {
+        for counter in [&SITE_COUNTS[site].alloc_count, &SITE_COUNTS[site].alloc_bytes] {
             counter.store(0, Ordering::Relaxed);
         }
-    }
+    });
     for address in LIVE_ADDRESS.iter().filter(|address| address.load(Ordering::Relaxed) != EMPTY) {
         match address.swap(EMPTY, Ordering::Relaxed) {
             EMPTY | TOMBSTONE => {}
@@ -362,50 +347,18 @@ fn record(word: u32, address: usize, size: usize) {
     let Some(_entered) = in_flight::enter(|current| current == word) else { return };
     let mut ips = [0usize; MAX_DEPTH];
     let depth = stack_walk::capture(&mut ips);
-    let recorded = site_for(&ips[..depth]).is_some_and(|site| {
-        if !insert_live(address, site, size as u64) {
+    let recorded = SITES.intern(&ips[..depth]).is_some_and(|site| {
+        if !insert_live(address, site as u32, size as u64) {
             return false;
         }
-        let site = &SITES[site as usize];
-        site.alloc_count.fetch_add(1, Ordering::Relaxed);
-        site.alloc_bytes.fetch_add(size as u64, Ordering::Relaxed);
+        let counts = &SITE_COUNTS[site];
+        counts.alloc_count.fetch_add(1, Ordering::Relaxed);
+        counts.alloc_bytes.fetch_add(size as u64, Ordering::Relaxed);
         true
     });
     if !recorded {
         DROPPED.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// The index of the site of `ips`, claiming a slot for a new stack.
-fn site_for(ips: &[usize]) -> Option<u32> {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &ip in ips {
-        hash = (hash ^ ip as u64).wrapping_mul(0x0100_0000_01b3).rotate_left(29);
-    }
-    let hash = hash | 1;
-    let home = hash as usize & (SITE_SLOTS - 1);
-    for step in 0..PROBE_LIMIT {
-        let index = (home + step) & (SITE_SLOTS - 1);
-        let site = &SITES[index];
-        let mut current = site.hash.load(Ordering::Acquire);
-        if current == 0 {
-            match site.hash.compare_exchange(0, hash, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    for (slot, &ip) in site.ips.iter().zip(ips) {
-                        slot.store(ip, Ordering::Relaxed);
-                    }
-                    site.depth.store(ips.len(), Ordering::Relaxed);
-                    site.ready.store(true, Ordering::Release);
-                    return Some(index as u32);
-                }
-                Err(other) => current = other,
-            }
-        }
-        if current == hash {
-            return Some(index as u32);
-        }
-    }
-    None
 }
 
 fn insert_live(address: usize, site: u32, size: u64) -> bool {
@@ -536,7 +489,7 @@ impl Stopper for SampledStopper {
             "onsite memory capture, mode sampled: one sample per {} bytes allocated on average, scaled",
             self.mean_bytes
         ));
-        let samples: u64 = SITES.iter().map(|site| site.alloc_count.load(Ordering::Relaxed)).sum();
+        let samples: u64 = SITE_COUNTS.iter().map(|counts| counts.alloc_count.load(Ordering::Relaxed)).sum();
         let libgcc_walks = stack_walk::fallback_walks().min(samples);
         builder.comment(&format!(
             "stacks walked: {} by the caching unwinder, {libgcc_walks} by libgcc's",
@@ -556,21 +509,12 @@ impl Stopper for SampledStopper {
                 *bytes += block >> 16;
             }
         }
-        let mut ips = Vec::with_capacity(MAX_DEPTH);
-        for (site, &(live_count, live_bytes)) in SITES.iter().zip(&live) {
-            if !site.ready.load(Ordering::Acquire) {
-                continue;
-            }
-            let allocs = site.alloc_count.load(Ordering::Relaxed);
-            let alloc_bytes = site.alloc_bytes.load(Ordering::Relaxed);
-            if allocs == 0 {
-                continue;
-            }
+        for (site, (counts, &(live_count, live_bytes))) in SITE_COUNTS.iter().zip(&live).enumerate() {
+            let allocs = counts.alloc_count.load(Ordering::Relaxed);
+            let alloc_bytes = counts.alloc_bytes.load(Ordering::Relaxed);
+            let Some(ips) = SITES.get(site).filter(|_| allocs > 0) else { continue };
             let (alloc_objects, alloc_space) = scale(allocs, alloc_bytes, self.mean_bytes);
             let (inuse_objects, inuse_space) = scale(live_count, live_bytes, self.mean_bytes);
-            ips.clear();
-            let depth = site.depth.load(Ordering::Relaxed).min(MAX_DEPTH);
-            ips.extend(site.ips[..depth].iter().map(|ip| ip.load(Ordering::Relaxed)));
             builder.add_addresses(&ips, &[alloc_objects, alloc_space, inuse_objects, inuse_space], &[]);
         }
         let written = out.write(ProfileKind::Memory, "pprof", |w| builder.write_gzip(w));

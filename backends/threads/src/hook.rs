@@ -9,6 +9,8 @@ use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
+use onsite_core::StackTable;
+
 /// Frames kept per creating stack (including a few of the hook's own, dropped when written).
 pub(crate) const MAX_DEPTH: usize = 64;
 /// Distinct creating stacks remembered for the life of the process.
@@ -28,32 +30,10 @@ type StartRoutineUnwind = extern "C-unwind" fn(*mut c_void) -> *mut c_void;
 type PthreadCreate =
     unsafe extern "C" fn(*mut libc::pthread_t, *const libc::pthread_attr_t, StartRoutine, *mut c_void) -> c_int;
 
-const EMPTY: u8 = 0;
-const WRITING: u8 = 1;
-const READY: u8 = 2;
-
-struct StackEntry {
-    state: AtomicU8,
-    hash: AtomicU64,
-    depth: AtomicUsize,
-    ips: [AtomicUsize; MAX_DEPTH],
-    /// Threads created from this stack since the process started (only ever grows).
-    created: AtomicU64,
-}
-
-impl StackEntry {
-    const fn new() -> Self {
-        StackEntry {
-            state: AtomicU8::new(EMPTY),
-            hash: AtomicU64::new(0),
-            depth: AtomicUsize::new(0),
-            ips: [const { AtomicUsize::new(0) }; MAX_DEPTH],
-            created: AtomicU64::new(0),
-        }
-    }
-}
-
-static STACK_TABLE: [StackEntry; STACKS] = [const { StackEntry::new() }; STACKS];
+/// The stacks that created threads; each creation probes the whole table before giving up.
+static STACK_TABLE: StackTable<STACKS, MAX_DEPTH> = StackTable::new(STACKS);
+/// Threads created from each stack of [`STACK_TABLE`] since the process started (only grows).
+static CREATED: [AtomicU64; STACKS] = [const { AtomicU64::new(0) }; STACKS];
 /// Threads created whose stack found no room in [`STACK_TABLE`].
 static CREATED_WITHOUT_STACK: AtomicU64 = AtomicU64::new(0);
 /// Every thread creation the hook saw (tells whether it is in the path at all).
@@ -97,53 +77,6 @@ impl Drop for LiveEntry {
     }
 }
 
-fn fnv1a(ips: &[usize]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-    for &ip in ips {
-        hash ^= ip as u64;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-/// The index of `ips` in the stack table, adding it if new; `None` when the table is full.
-fn intern_stack(ips: &[usize]) -> Option<usize> {
-    let hash = fnv1a(ips);
-    let first = hash as usize % STACKS;
-    for probe in 0..STACKS {
-        let index = (first + probe) % STACKS;
-        let entry = &STACK_TABLE[index];
-        loop {
-            match entry.state.load(Ordering::Acquire) {
-                EMPTY => {
-                    if entry.state.compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Relaxed).is_err() {
-                        continue; // Someone else took it: look at what they wrote.
-                    }
-                    for (slot, &ip) in entry.ips.iter().zip(ips) {
-                        slot.store(ip, Ordering::Relaxed);
-                    }
-                    entry.depth.store(ips.len(), Ordering::Relaxed);
-                    entry.hash.store(hash, Ordering::Relaxed);
-                    entry.state.store(READY, Ordering::Release);
-                    return Some(index);
-                }
-                // Another creating thread is filling this entry (a few stores): wait for it.
-                WRITING => std::hint::spin_loop(),
-                _ => {
-                    let same = entry.hash.load(Ordering::Relaxed) == hash
-                        && entry.depth.load(Ordering::Relaxed) == ips.len()
-                        && entry.ips.iter().zip(ips).all(|(slot, &ip)| slot.load(Ordering::Relaxed) == ip);
-                    if same {
-                        return Some(index);
-                    }
-                    break;
-                }
-            }
-        }
-    }
-    None
-}
-
 /// What a creation does around the real `pthread_create`.
 ///
 /// # Safety
@@ -175,7 +108,7 @@ unsafe fn create_hooked(
             depth < MAX_DEPTH
         });
     }
-    let stack = intern_stack(&ips[..depth]);
+    let stack = STACK_TABLE.intern(&ips[..depth]);
     let pending =
         PENDING_TABLE.iter().position(|p| p.taken.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok());
     let rc = match pending {
@@ -199,7 +132,7 @@ unsafe fn create_hooked(
     };
     if rc == 0 {
         match stack {
-            Some(index) => STACK_TABLE[index].created.fetch_add(1, Ordering::Relaxed),
+            Some(index) => CREATED[index].fetch_add(1, Ordering::Relaxed),
             None => CREATED_WITHOUT_STACK.fetch_add(1, Ordering::Relaxed),
         };
     }
@@ -249,7 +182,7 @@ pub(crate) fn gettid() -> i32 {
 
 /// How many threads each stack created so far, by stack index.
 pub(crate) fn created_counts() -> Vec<u64> {
-    STACK_TABLE.iter().map(|e| e.created.load(Ordering::Relaxed)).collect()
+    CREATED.iter().map(|created| created.load(Ordering::Relaxed)).collect()
 }
 
 /// Threads created so far whose stack did not fit in the table.
@@ -259,12 +192,7 @@ pub(crate) fn created_without_stack() -> u64 {
 
 /// The creating stack at `index` (leaf first, the hook's own frames included).
 pub(crate) fn stack(index: usize) -> Option<Vec<usize>> {
-    let entry = STACK_TABLE.get(index)?;
-    if entry.state.load(Ordering::Acquire) != READY {
-        return None;
-    }
-    let depth = entry.depth.load(Ordering::Relaxed);
-    Some(entry.ips[..depth].iter().map(|ip| ip.load(Ordering::Relaxed)).collect())
+    STACK_TABLE.get(index)
 }
 
 /// Live hooked threads: `(tid, stack index or NO_STACK)`.
