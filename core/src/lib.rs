@@ -7,6 +7,8 @@
 //! - [`pprof`]: the one builder from stacks to gzip'd `profile.proto`, and a reader for it;
 //! - [`StackTable`]: the one fixed, lock-free table of distinct stacks that backends recording
 //!   from an allocator or a hook index their counters by;
+//! - [`own_work`]: which threads and scopes are onsite's own work, so no profile charges them
+//!   to the service;
 //! - `test_support` (feature `test-support`, for tests only): running a test's child process
 //!   in a role with a deadline, and finding the dump files of one kind.
 //!
@@ -15,6 +17,7 @@
 
 mod kind;
 mod naming;
+pub mod own_work;
 pub mod pprof;
 mod profiler;
 mod stack_table;

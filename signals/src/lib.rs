@@ -225,7 +225,11 @@ impl Builder {
         let controller = Controller::new(setup, receiver, reader);
         let thread = std::thread::Builder::new()
             .name("onsite-control".into())
-            .spawn(move || controller.run())
+            .spawn(move || {
+                // Everything this thread does (symbolising, encoding, writing) is onsite's.
+                let _own = onsite_core::own_work::OwnThread::register();
+                controller.run()
+            })
             .map_err(InstallError::Io)?;
         tracing::info!(
             pid = dir.pid(),

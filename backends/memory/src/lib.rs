@@ -228,6 +228,7 @@ unsafe impl GlobalAlloc for Allocator {
 /// caller read; a stale one is handled like any call racing a mode change.
 mod routed {
     use super::*;
+    use onsite_core::own_work;
 
     /// Counts this call as in flight if the mode is still `DHAT`; the caller goes through dhat
     /// only while holding the result, and stays away from it on `None`.
@@ -251,7 +252,10 @@ mod routed {
         match mode::of(word) {
             // SAFETY: forwarded as received.
             mode::SAMPLED => unsafe { sampled::alloc_past_budget(word, layout, zeroed) },
-            mode::DHAT if let Some(_entered) = enter_dhat() => {
+            // onsite's own allocations (its control thread symbolising, say) go to `System`:
+            // they are not the service's, and they never wait on dhat's lock. Their frees go
+            // through dhat like every free, and dhat ignores blocks it never recorded.
+            mode::DHAT if !own_work::is_own_work() && let Some(_entered) = enter_dhat() => {
                 // SAFETY: forwarded as received; dhat allocates from `System`.
                 unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } }
             }

@@ -50,6 +50,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
+use onsite_core::own_work;
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, StackTable, Stopper};
 
 use crate::{MODE, heap_pprof, in_flight, mode, stack_walk};
@@ -265,9 +266,10 @@ fn take_sample(word: u32, size: usize) -> bool {
         // Past the budget: sampled. Go discards the overshoot too: the next point of a
         // Poisson process is an exponential distance away wherever one starts counting.
         t.budget.set(next_budget(t, MEAN_BYTES.load(Ordering::Relaxed)));
-        if t.busy.get() {
-            // An allocation made while recording a sample (the stack walker's): not the
-            // program's, and recording it would re-enter the sampler.
+        if t.busy.get() || own_work::is_own_work() {
+            // An allocation made while recording a sample (the stack walker's), or by onsite's
+            // own threads and work: not the program's (and recording the walker's would
+            // re-enter the sampler).
             return false;
         }
         t.busy.set(true);
