@@ -6,7 +6,8 @@
 //! `pthread_create` hook, one tracing layer), so tests run it in a child process: the test
 //! executable itself, re-run to execute one `#[ignore]`d test that plays a role.
 //!
-//! - [`ChildTest`]: starts that child with a role and variables, and either runs it to the end
+//! - [`ChildTest`]: starts that child with a role and variables (or another program, such as a
+//!   service binary the test built), and either runs it to the end
 //!   within a deadline ([`ChildTest::run`], [`ChildTest::output`]) or hands back the
 //!   [`RunningChild`] to signal and watch ([`ChildTest::spawn`]).
 //! - [`role`]: the child's side, which role it plays (none outside such a child).
@@ -38,8 +39,9 @@ const POLL: Duration = Duration::from_millis(20);
 /// How much of each output stream a failure message shows (its end).
 const SHOWN_BYTES: usize = 8 * 1024;
 
-/// This test executable, to be re-run as a child that executes the `#[ignore]`d test `test`
-/// alone (`--exact test --ignored --nocapture --test-threads=1`) in a role.
+/// A test's child process: this test executable, re-run to execute the `#[ignore]`d test `test`
+/// alone (`--exact test --ignored --nocapture --test-threads=1`) in a role ([`ChildTest::new`]),
+/// or another program ([`ChildTest::program`]).
 ///
 /// Its stdin is empty, its stdout and stderr are collected, and it starts with SIGINT at its
 /// default disposition even if this runner ignores it.
@@ -49,6 +51,8 @@ pub struct ChildTest {
     test: String,
     role: String,
     progress: Option<Progress>,
+    /// Whether the child is a libtest executable running one test (not [`ChildTest::program`]).
+    libtest: bool,
 }
 
 impl ChildTest {
@@ -56,21 +60,19 @@ impl ChildTest {
     /// names it), in the role of the same name unless [`ChildTest::role`] says otherwise.
     pub fn new(test: &str) -> Self {
         let exe = std::env::current_exe().expect("the path of this test executable");
-        let mut command = Command::new(exe);
-        command
-            .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: between fork and exec, sigaction (behind signal) is async-signal-safe and
-        // touches nothing but this (child) process's disposition.
-        unsafe {
-            command.pre_exec(|| {
-                libc::signal(libc::SIGINT, libc::SIG_DFL);
-                Ok(())
-            });
-        }
-        ChildTest { command, test: test.to_owned(), role: test.to_owned(), progress: None }
+        let mut command = child_command(exe);
+        command.args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"]);
+        ChildTest { command, test: test.to_owned(), role: test.to_owned(), progress: None, libtest: true }
+    }
+
+    /// Another program as the child (a service binary the test built, `cargo` itself), run
+    /// with `args` and the same care: empty stdin, collected output, SIGINT at its default, a
+    /// deadline on every wait, killed when dropped. It plays no role and runs no libtest test.
+    pub fn program(program: impl AsRef<OsStr>, args: &[&str]) -> Self {
+        let name = Path::new(program.as_ref()).display().to_string();
+        let mut command = child_command(program);
+        command.args(args);
+        ChildTest { command, test: name.clone(), role: name, progress: None, libtest: false }
     }
 
     /// The role the child plays, read there with [`role`], when one child test plays several.
@@ -95,19 +97,20 @@ impl ChildTest {
 
     /// Starts the child and returns at once.
     pub fn spawn(mut self) -> RunningChild {
-        let who = if self.role == self.test {
+        let mut who = if self.role == self.test {
             format!("child role {}", self.role)
         } else {
             format!("child role {} (test {})", self.role, self.test)
         };
-        let mut child = self
-            .command
-            .env(ROLE_VAR, &self.role)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{who} could not be started: {e}"));
+        if self.libtest {
+            self.command.env(ROLE_VAR, &self.role);
+        } else {
+            who = format!("child program {}", self.test);
+        }
+        let mut child = self.command.spawn().unwrap_or_else(|e| panic!("{who} could not be started: {e}"));
         let stdout = Stream::collect(child.stdout.take().expect("stdout is piped"));
         let stderr = Stream::collect(child.stderr.take().expect("stderr is piped"));
-        RunningChild { child, who, stdout, stderr, progress: self.progress }
+        RunningChild { child, who, stdout, stderr, progress: self.progress, libtest: self.libtest }
     }
 
     /// Runs the child to its end and returns its output, whatever its exit status; the test
@@ -132,6 +135,22 @@ impl ChildTest {
     }
 }
 
+/// `program` with an empty stdin, piped output, and SIGINT at its default disposition even if
+/// this runner ignores it.
+fn child_command(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: between fork and exec, sigaction (behind signal) is async-signal-safe and
+    // touches nothing but this (child) process's disposition.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    command
+}
+
 /// What a finished child left: its exit status and everything it wrote.
 #[derive(Debug)]
 pub struct ChildOutput {
@@ -152,6 +171,7 @@ pub struct RunningChild {
     stdout: Stream,
     stderr: Stream,
     progress: Option<Progress>,
+    libtest: bool,
 }
 
 impl RunningChild {
@@ -205,7 +225,7 @@ impl RunningChild {
                     // a missing `#[ignore]`d test) would otherwise pass, having run nothing. (A
                     // child ended by a signal may have been stopped before it said anything.)
                     assert!(
-                        output.status.code().is_none() || output.stdout.contains("running 1 test"),
+                        !self.libtest || output.status.code().is_none() || output.stdout.contains("running 1 test"),
                         "{} ran no test: is it the name of an #[ignore]d test in this test crate?\n{}",
                         self.who,
                         self.shown()

@@ -26,6 +26,7 @@
 //! wait, and (sampled) walk the stack as raw addresses, which are symbolised when the profile
 //! is written.
 
+mod caller_frame;
 mod profiler;
 mod raw;
 mod raw_condvar;

@@ -13,6 +13,7 @@ use parking_lot::lock_api::{
     self, RawRwLock as _, RawRwLockTimed as _, RawRwLockUpgrade as _, RawRwLockUpgradeTimed as _,
 };
 
+use crate::caller_frame;
 use crate::raw_mutex::deadline;
 use crate::record::{self, MUTEX, WaiterCount};
 
@@ -48,7 +49,13 @@ impl Waiters {
     /// writes anyway); it is non-zero only while a mutex capture has waiters registered.
     #[inline(always)]
     fn release<R>(&self, lock: usize, release: impl FnOnce() -> R) -> R {
-        if self.0.load(Relaxed) != 0 { self.release_charging(lock, release) } else { release() }
+        if self.0.load(Relaxed) != 0 {
+            let result = self.release_charging(lock, release);
+            caller_frame::after_slow_call();
+            result
+        } else {
+            release()
+        }
     }
 
     #[cold]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::lock_api::{self, GuardNoSend};
 use parking_lot_core::{DEFAULT_PARK_TOKEN, ParkResult, RequeueOp, UnparkResult};
 
+use crate::caller_frame;
 use crate::raw_mutex::{RawMutex, TOKEN_HANDOFF, TOKEN_NORMAL, deadline};
 use crate::record;
 
@@ -54,7 +55,9 @@ unsafe impl lock_api::RawCondvar for RawCondvar {
             return false;
         }
 
-        self.notify_one_slow(state)
+        let woken = self.notify_one_slow(state);
+        caller_frame::after_slow_call();
+        woken
     }
 
     #[inline]
@@ -65,7 +68,9 @@ unsafe impl lock_api::RawCondvar for RawCondvar {
             return 0;
         }
 
-        self.notify_all_slow(state)
+        let woken = self.notify_all_slow(state);
+        caller_frame::after_slow_call();
+        woken
     }
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use parking_lot::lock_api::{self, GuardNoSend};
 use parking_lot_core::{DEFAULT_PARK_TOKEN, ParkResult, SpinWait, UnparkResult, UnparkToken};
 
+use crate::caller_frame;
 use crate::record::{self, MUTEX, WaiterCount};
 
 // UnparkToken used to indicate that the target thread should attempt to
@@ -115,6 +116,7 @@ unsafe impl lock_api::RawMutex for RawMutex {
     unsafe fn unlock(&self, _guard: Guard) {
         if self.state.compare_exchange(LOCKED_BIT, 0, Release, Relaxed).is_err() {
             self.unlock_contended(false);
+            caller_frame::after_slow_call();
         }
     }
 
@@ -131,6 +133,7 @@ unsafe impl lock_api::RawMutexFair for RawMutex {
     unsafe fn unlock_fair(&self, _guard: Guard) {
         if self.state.compare_exchange(LOCKED_BIT, 0, Release, Relaxed).is_err() {
             self.unlock_contended(true);
+            caller_frame::after_slow_call();
         }
     }
 

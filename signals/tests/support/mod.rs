@@ -32,13 +32,23 @@ impl Service {
     /// Starts this executable as the service `role` (the name of the ignored child test),
     /// dumping into `dir`, and waits until it says it is ready.
     pub fn start(role: &str, dir: &Path, env: &[(&str, &str)]) -> Service {
-        let mut child = ChildTest::new(role).env("ONSITE_DIR", dir).env("RUST_LOG", "info");
+        Service::start_child(ChildTest::new(role), READY, dir, env)
+    }
+
+    /// Starts the service binary `program` dumping into `dir`, and waits until its stdout says
+    /// `ready`.
+    pub fn start_program(program: &Path, ready: &str, dir: &Path, env: &[(&str, &str)]) -> Service {
+        Service::start_child(ChildTest::program(program, &[]), ready, dir, env)
+    }
+
+    fn start_child(child: ChildTest, ready: &str, dir: &Path, env: &[(&str, &str)]) -> Service {
+        let mut child = child.env("ONSITE_DIR", dir).env("RUST_LOG", "info");
         for (k, v) in env {
             child = child.env(k, v);
         }
         let mut service = Service { child: child.spawn(), dir: dir.to_owned() };
         let started = Instant::now();
-        while !service.child.stdout().contains(READY) {
+        while !service.child.stdout().contains(ready) {
             if !service.is_alive() {
                 panic!("the child exited before it was ready; its log:\n{}", service.log_text());
             }
