@@ -8,7 +8,7 @@
 //!   nothing ever prunes.
 //! - **Lock bottleneck**: [`update_delivery_stats`] holds the stats lock across slow work, so
 //!   every acking connection queues behind it.
-//! - **Thread leak**: [`spawn_consumer_watchdog`] starts a thread per consumer connection that
+//! - **Thread leak**: [`Broker::spawn_consumer_watchdog`] starts a thread per consumer connection that
 //!   never exits.
 
 use std::collections::{HashMap, VecDeque};
