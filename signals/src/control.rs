@@ -18,7 +18,7 @@ use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler, S
 use crate::auto::watch::{Firing, Watch};
 use crate::manifest::{self, Trigger};
 use crate::retention;
-use crate::wake::{self, TERMINATION, THREAD_DUMPS, TOGGLES, TerminationGuard};
+use crate::wake::{self, CHAINED_TERMINATION, TERMINATION, THREAD_DUMPS, TOGGLES, TerminationGuard};
 
 /// Why a capture started or stopped, as logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +116,10 @@ impl Controller {
             self.sleep(wake_at.map_or(IDLE_WAIT, |at| at.saturating_duration_since(now)));
 
             if let sig @ 1.. = TERMINATION.swap(0, Ordering::AcqRel) {
-                self.on_termination(sig);
+                self.on_termination(sig, true);
+            }
+            if let sig @ 1.. = CHAINED_TERMINATION.swap(0, Ordering::AcqRel) {
+                self.on_termination(sig, false);
             }
             for _ in 0..TOGGLES.swap(0, Ordering::AcqRel) {
                 self.toggle();
@@ -313,15 +316,18 @@ impl Controller {
     }
 
     /// SIGINT/SIGTERM arrived while our handler was armed: finish the capture, give the signal
-    /// back to whoever had it before, and send it again.
-    fn on_termination(&mut self, sig: libc::c_int) {
+    /// back to whoever had it before, and send it again if `resend` (our handler consumed it);
+    /// not if a handler installed over ours during the capture had it first (see `wake.rs`).
+    fn on_termination(&mut self, sig: libc::c_int, resend: bool) {
         if self.capture.is_some() {
             tracing::info!(signal = sig, "onsite: termination signal during a capture; writing its files first");
             self.stop(Cause::Termination(sig));
         }
         // `stop` disarmed the guard; the signal is re-sent even when the capture had just ended
         // by itself, because our handler consumed it.
-        wake::resend(sig);
+        if resend {
+            wake::resend(sig);
+        }
     }
 
     #[cfg(feature = "threads")]
