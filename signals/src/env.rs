@@ -1,8 +1,74 @@
-//! Reading `ONSITE_*` settings: every parser names the variable and the value it rejects.
+//! Reading `ONSITE_*` settings: every parser names the variable and the value it rejects, and
+//! [`Reader`] decides what a rejected value does to the installation.
 
+use std::fmt;
 use std::time::Duration;
 
 use onsite_core::ConfigError;
+
+/// Applies `ONSITE_*` variables over the builder's settings, one at a time.
+///
+/// A bad value (or a bad builder setting found while checking) never stops the service: it is
+/// logged at error level, naming the variable, the value, why it is wrong and what is used
+/// instead, and the setting keeps what it would have had without it. In strict mode
+/// ([`crate::Builder::strict`], `ONSITE_STRICT=1`, for tests and CI) the first bad value is
+/// `install`'s error instead, and nothing is installed.
+#[derive(Debug)]
+pub(crate) struct Reader {
+    strict: bool,
+    first_error: Option<ConfigError>,
+}
+
+impl Reader {
+    pub(crate) fn new(strict: bool) -> Self {
+        Reader { strict, first_error: None }
+    }
+
+    pub(crate) fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
+    /// `name` parsed by `parse` into `slot`; a bad value leaves `slot` as it is, reported with
+    /// `slot`'s value (`Debug`) as what is used instead.
+    pub(crate) fn set<T: fmt::Debug>(&mut self, name: &str, slot: &mut T, parse: impl Fn(&str) -> Result<T, String>) {
+        self.set_shown(name, slot, parse, |value| format!("{value:?}"));
+    }
+
+    /// As [`Reader::set`], with `shown` saying what is used instead.
+    pub(crate) fn set_shown<T>(
+        &mut self,
+        name: &str,
+        slot: &mut T,
+        parse: impl Fn(&str) -> Result<T, String>,
+        shown: impl Fn(&T) -> String,
+    ) {
+        match parsed(name, parse) {
+            Ok(Some(value)) => *slot = value,
+            Ok(None) => {}
+            Err(e) => self.reject(e, shown(slot)),
+        }
+    }
+
+    /// Reports a rejected value; `instead` is what onsite uses in its place.
+    pub(crate) fn reject(&mut self, error: ConfigError, instead: impl fmt::Display) {
+        if !self.strict {
+            tracing::error!(
+                variable = %error.setting,
+                value = %error.value,
+                "onsite: bad setting {error}; using {instead} instead, and the service runs on"
+            );
+        }
+        self.first_error.get_or_insert(error);
+    }
+
+    /// In strict mode, the first rejected value.
+    pub(crate) fn finish(self) -> Result<(), ConfigError> {
+        match self.first_error {
+            Some(error) if self.strict => Err(error),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// The value of `name`, `None` when unset. A value that is not UTF-8 is an error.
 pub(crate) fn var(name: &str) -> Result<Option<String>, ConfigError> {

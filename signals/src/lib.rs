@@ -82,6 +82,9 @@ pub mod vars {
     /// At most this many bytes of onsite's files are kept, e.g. `256MiB` (the default), `1GB`,
     /// or `unlimited`.
     pub const RETAIN_BYTES: &str = "ONSITE_RETAIN_BYTES";
+    /// `1`/`true`: a bad `ONSITE_*` value makes `install` fail instead of being logged and
+    /// replaced (for tests and CI). Default: off.
+    pub const STRICT: &str = "ONSITE_STRICT";
 }
 
 /// The default limit on a capture's length, so a forgotten toggle cannot run forever.
@@ -98,6 +101,7 @@ pub struct Builder {
     dir: Option<PathBuf>,
     kinds: Option<Vec<ProfileKind>>,
     max_duration: Duration,
+    strict: bool,
     pub(crate) backends: backends::Settings,
     pub(crate) auto: auto::Settings,
     pub(crate) retention: retention::Settings,
@@ -116,6 +120,7 @@ impl Builder {
             dir: None,
             kinds: None,
             max_duration: DEFAULT_MAX_DURATION,
+            strict: false,
             backends: Default::default(),
             auto: Default::default(),
             retention: Default::default(),
@@ -141,12 +146,22 @@ impl Builder {
         self
     }
 
+    /// Whether a bad setting makes [`Builder::install`] fail (`true`, for tests and CI) rather
+    /// than being logged and replaced while the service runs on (`false`, the default).
+    /// `ONSITE_STRICT` still wins.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
     /// Applies the environment, registers the signal handlers and starts the control thread.
     ///
-    /// Errors name the setting and the value at fault. Only one installation may be live in a
-    /// process at a time.
+    /// A bad setting (builder or `ONSITE_*`) is logged at error level, naming it, its value
+    /// and what is used instead, and the installation goes on; with [`Builder::strict`] it is
+    /// this call's error instead. Other errors: onsite is already installed in this process, or
+    /// the system refused a signal handler, socket or thread.
     pub fn install(mut self) -> Result<Onsite, InstallError> {
-        self.apply_env()?;
+        let env = self.apply_env();
         let dir = match &self.dir {
             Some(dir) => DumpDir::new(dir),
             None => DumpDir::new(std::env::temp_dir()),
@@ -154,7 +169,7 @@ impl Builder {
         if INSTALLED.swap(true, Ordering::AcqRel) {
             return Err(InstallError::AlreadyInstalled);
         }
-        match self.spawn(dir) {
+        match self.spawn(dir, env) {
             Ok(onsite) => Ok(onsite),
             Err(e) => {
                 INSTALLED.store(false, Ordering::Release);
@@ -163,31 +178,50 @@ impl Builder {
         }
     }
 
-    fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(dir) = env::var(vars::DIR)? {
-            if dir.is_empty() {
-                return Err(ConfigError::new(vars::DIR, dir, "must name a directory"));
-            }
-            self.dir = Some(PathBuf::from(dir));
+    /// Applies the environment over the builder's settings; what was wrong is in the returned
+    /// reader (logged already, or kept for strict mode's error).
+    fn apply_env(&mut self) -> env::Reader {
+        let mut env = env::Reader::new(self.strict);
+        env.set(vars::STRICT, &mut self.strict, env::parse_bool);
+        env.set_strict(self.strict);
+        match env::var(vars::DIR) {
+            Ok(None) => {}
+            Ok(Some(dir)) if !dir.is_empty() => self.dir = Some(PathBuf::from(dir)),
+            Ok(Some(dir)) => env.reject(ConfigError::new(vars::DIR, dir, "must name a directory"), self.dir_text()),
+            Err(e) => env.reject(e, self.dir_text()),
         }
-        if let Some(kinds) = env::parsed(vars::KINDS, parse_kinds)? {
-            self.kinds = Some(kinds);
-        }
-        if let Some(limit) = env::parsed(vars::MAX_DURATION, env::parse_duration)? {
-            self.max_duration = limit;
-        }
+        env.set_shown(vars::KINDS, &mut self.kinds, |text| parse_kinds(text).map(Some), kinds_text);
+        env.set(vars::MAX_DURATION, &mut self.max_duration, |text| {
+            env::parse_duration(text).and_then(|limit| match limit.is_zero() {
+                true => Err("a capture must be allowed to run".into()),
+                false => Ok(limit),
+            })
+        });
         if self.max_duration.is_zero() {
-            return Err(ConfigError::new(vars::MAX_DURATION, "0s", "a capture must be allowed to run"));
+            env.reject(
+                ConfigError::new("Builder::max_duration", "0s", "a capture must be allowed to run"),
+                format!("{DEFAULT_MAX_DURATION:?}"),
+            );
+            self.max_duration = DEFAULT_MAX_DURATION;
         }
-        self.auto.apply_env()?;
-        self.retention.apply_env()?;
-        self.backends.apply_env()
+        self.auto.apply_env(&mut env);
+        self.retention.apply_env(&mut env);
+        self.backends.apply_env(&mut env);
+        env
     }
 
-    fn spawn(self, dir: DumpDir) -> Result<Onsite, InstallError> {
+    fn dir_text(&self) -> String {
+        match &self.dir {
+            Some(dir) => dir.display().to_string(),
+            None => format!("the system temp dir ({})", std::env::temp_dir().display()),
+        }
+    }
+
+    fn spawn(self, dir: DumpDir, mut env: env::Reader) -> Result<Onsite, InstallError> {
         let profilers = self.backends.profilers();
         let compiled: Vec<ProfileKind> = profilers.iter().map(|p| p.kind()).collect();
-        let rules = self.auto.rules(&compiled)?;
+        let rules = self.auto.rules(&compiled, &mut env);
+        env.finish()?;
         if let Err(e) = dir.ensure_exists() {
             // Not fatal: the directory may appear later (a volume mounted after start-up), and
             // each capture reports its own write errors.
@@ -250,6 +284,13 @@ impl Builder {
             signals: Some(signals),
             wake: Some(wake),
         })
+    }
+}
+
+fn kinds_text(kinds: &Option<Vec<ProfileKind>>) -> String {
+    match kinds {
+        None => "all".to_owned(),
+        Some(kinds) => kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(","),
     }
 }
 

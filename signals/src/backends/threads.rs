@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use onsite_core::{CaptureError, CaptureOutput, ConfigError, Profiler};
+use onsite_core::{CaptureError, CaptureOutput, Profiler};
 use onsite_threads::HookStatus;
 
 use crate::env;
@@ -57,14 +57,14 @@ fn parse_realtime_signal(text: &str) -> Result<i32, String> {
 }
 
 impl Settings {
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(deadline) = env::parsed(DUMP_DEADLINE_VAR, env::parse_duration)? {
-            self.dump_deadline = deadline;
-        }
-        if let Some(signal) = env::parsed(DUMP_SIGNAL_VAR, parse_realtime_signal)? {
-            self.dump_signal = Some(signal);
-        }
-        Ok(())
+    pub(crate) fn apply_env(&mut self, env: &mut env::Reader) {
+        env.set(DUMP_DEADLINE_VAR, &mut self.dump_deadline, env::parse_duration);
+        env.set_shown(
+            DUMP_SIGNAL_VAR,
+            &mut self.dump_signal,
+            |text| parse_realtime_signal(text).map(Some),
+            |signal| format!("{}", signal.unwrap_or_else(onsite_threads::default_dump_signal)),
+        );
     }
 
     /// The threadcreate profiler. Asking for the hook's status here also keeps `onsite-threads`
