@@ -82,6 +82,12 @@ pub mod vars {
     /// At most this many bytes of onsite's files are kept, e.g. `256MiB` (the default), `1GB`,
     /// or `unlimited`.
     pub const RETAIN_BYTES: &str = "ONSITE_RETAIN_BYTES";
+    /// The signal that starts and stops a capture: `SIGUSR2` (the default), `USR1`, `HUP`,
+    /// `WINCH`, a real-time signal `SIGRTMIN+N`, or `off`.
+    pub const TOGGLE_SIGNAL: &str = "ONSITE_TOGGLE_SIGNAL";
+    /// The signal that writes every thread's stack: `SIGUSR1` (the default), the same choices
+    /// as [`TOGGLE_SIGNAL`], or `off`.
+    pub const DUMP_SIGNAL: &str = "ONSITE_DUMP_SIGNAL";
     /// `1`/`true`: a bad `ONSITE_*` value makes `install` fail instead of being logged and
     /// replaced (for tests and CI). Default: off.
     pub const STRICT: &str = "ONSITE_STRICT";
@@ -102,6 +108,8 @@ pub struct Builder {
     kinds: Option<Vec<ProfileKind>>,
     max_duration: Duration,
     strict: bool,
+    toggle_signal: Option<libc::c_int>,
+    dump_signal: Option<libc::c_int>,
     pub(crate) backends: backends::Settings,
     pub(crate) auto: auto::Settings,
     pub(crate) retention: retention::Settings,
@@ -121,6 +129,8 @@ impl Builder {
             kinds: None,
             max_duration: DEFAULT_MAX_DURATION,
             strict: false,
+            toggle_signal: Some(libc::SIGUSR2),
+            dump_signal: Some(libc::SIGUSR1),
             backends: Default::default(),
             auto: Default::default(),
             retention: Default::default(),
@@ -143,6 +153,22 @@ impl Builder {
     /// How long a capture may run before it stops by itself (`ONSITE_MAX_DURATION` still wins).
     pub fn max_duration(mut self, limit: Duration) -> Self {
         self.max_duration = limit;
+        self
+    }
+
+    /// The signal that starts and stops a capture (default `Some(SIGUSR2)`); `None` for none
+    /// (captures then start through the API and rules only). It may be `SIGUSR1`, `SIGUSR2`,
+    /// `SIGHUP`, `SIGWINCH` or a real-time signal; `ONSITE_TOGGLE_SIGNAL` still wins.
+    pub fn toggle_signal(mut self, signal: Option<i32>) -> Self {
+        self.toggle_signal = signal;
+        self
+    }
+
+    /// The signal that writes every thread's stack (default `Some(SIGUSR1)`, with the `threads`
+    /// feature); `None` for none. The same choices as [`Builder::toggle_signal`];
+    /// `ONSITE_DUMP_SIGNAL` still wins.
+    pub fn dump_signal(mut self, signal: Option<i32>) -> Self {
+        self.dump_signal = signal;
         self
     }
 
@@ -207,7 +233,58 @@ impl Builder {
         self.auto.apply_env(&mut env);
         self.retention.apply_env(&mut env);
         self.backends.apply_env(&mut env);
+        self.apply_signals(&mut env);
         env
+    }
+
+    /// The toggle and dump signals: each from its variable, checked, and never one signal for
+    /// two jobs (with the thread dump's own signal either). A wrong one is turned off rather
+    /// than put back to its default, which may be the very signal the service uses.
+    fn apply_signals(&mut self, env: &mut env::Reader) {
+        for (name, builder_name, slot) in [
+            (vars::TOGGLE_SIGNAL, "Builder::toggle_signal", &mut self.toggle_signal),
+            (vars::DUMP_SIGNAL, "Builder::dump_signal", &mut self.dump_signal),
+        ] {
+            if let Some(sig) = *slot
+                && let Err(reason) = env::parse_signal(&sig.to_string())
+            {
+                env.reject(ConfigError::new(builder_name, sig.to_string(), reason), "off");
+                *slot = None;
+            }
+            match env::parsed(name, env::parse_signal_or_off) {
+                Ok(Some(sig)) => *slot = sig,
+                Ok(None) => {}
+                Err(e) => {
+                    env.reject(e, "off");
+                    *slot = None;
+                }
+            }
+        }
+        if cfg!(not(feature = "threads")) {
+            self.dump_signal = None;
+        }
+        if self.toggle_signal.is_some() && self.dump_signal == self.toggle_signal {
+            let reason = format!("is also the toggle signal ({}); one signal cannot do two jobs", vars::TOGGLE_SIGNAL);
+            env.reject(ConfigError::new(vars::DUMP_SIGNAL, env::signal_or_off(self.dump_signal), reason), "off");
+            self.dump_signal = None;
+        }
+        #[cfg(feature = "threads")]
+        if let Some(internal) = self.backends.threads.internal_signal()
+            && self.dump_signal.is_some()
+        {
+            for (job, sig) in [(vars::TOGGLE_SIGNAL, self.toggle_signal), (vars::DUMP_SIGNAL, self.dump_signal)] {
+                if sig == Some(internal) {
+                    let reason = format!(
+                        "is also {job}; the thread dump sends this signal to every thread, so one signal cannot do both jobs"
+                    );
+                    env.reject(
+                        ConfigError::new(backends::threads::DUMP_SIGNAL_VAR, env::signal_name(internal), reason),
+                        format!("no thread dump ({} off)", vars::DUMP_SIGNAL),
+                    );
+                    self.dump_signal = None;
+                }
+            }
+        }
     }
 
     fn dir_text(&self) -> String {
@@ -245,13 +322,15 @@ impl Builder {
 
         let wake = wake::WakeSocket::new().map_err(InstallError::Io)?;
         let reader = wake.reader.try_clone().map_err(InstallError::Io)?;
-        let signals = wake::OperatorSignals::register(cfg!(feature = "threads")).map_err(InstallError::Io)?;
+        let signals =
+            wake::OperatorSignals::register(self.toggle_signal, self.dump_signal).map_err(InstallError::Io)?;
         let (commands, receiver) = mpsc::channel();
         let setup = control::Setup {
             dir: dir.clone(),
             profilers,
             kinds,
             max_duration: self.max_duration,
+            toggle_signal: self.toggle_signal,
             backends: self.backends.clone(),
             watch,
             retention: self.retention,
@@ -274,8 +353,13 @@ impl Builder {
             auto_interval = ?self.auto.interval(),
             retain_captures = ?self.retention.max_captures,
             retain_bytes = ?self.retention.max_bytes,
-            "onsite: installed; `kill -USR2 {}` starts a capture, the next one stops it",
-            dir.pid()
+            toggle_signal = %env::signal_or_off(self.toggle_signal),
+            dump_signal = %env::signal_or_off(self.dump_signal),
+            "onsite: installed; {}",
+            match self.toggle_signal {
+                Some(sig) => format!("`kill -{} {}` starts a capture, the next one stops it", env::kill_name(sig), dir.pid()),
+                None => "no toggle signal (ONSITE_TOGGLE_SIGNAL=off): captures start through the API or rules".to_owned(),
+            }
         );
         Ok(Onsite {
             dir: dir.dir().to_owned(),

@@ -4,8 +4,9 @@
 //! thread sleeps on. No allocation, no lock, nothing that waits, no I/O beyond that byte; errno
 //! is preserved for the interrupted code.
 //!
-//! - The toggle signal (SIGUSR2) and the dump signal (SIGUSR1) are registered through
-//!   signal-hook for the life of the installation and unregistered at shutdown.
+//! - The toggle signal (SIGUSR2) and the dump signal (SIGUSR1), or the ones configured instead,
+//!   are registered through signal-hook for the life of the installation and unregistered at
+//!   shutdown. A handler already there is kept and chained to (install logs that it was).
 //! - SIGINT and SIGTERM are only intercepted *while a capture runs*, with a plain `sigaction`
 //!   whose previous disposition is kept. When one arrives, the control thread writes the
 //!   capture's files, puts the previous disposition back and sends the signal again, so the
@@ -110,38 +111,66 @@ impl Drop for WakeSocket {
     }
 }
 
-/// SIGUSR2 and (with the thread dump) SIGUSR1, registered through signal-hook.
+/// The toggle signal (SIGUSR2) and the dump signal (SIGUSR1), as configured, registered
+/// through signal-hook.
 pub(crate) struct OperatorSignals {
     ids: Vec<signal_hook::SigId>,
 }
 
+/// Signals onsite has registered through signal-hook in this process: signal-hook leaves its
+/// trampoline installed after onsite unregisters, so on a later installation that trampoline
+/// is not the service's handler.
+static REGISTERED_BEFORE: AtomicU64 = AtomicU64::new(0);
+
 impl OperatorSignals {
-    pub(crate) fn register(thread_dump: bool) -> io::Result<Self> {
-        let mut ids = Vec::new();
-        // SAFETY: the actions only touch atomics and call `wake`, all async-signal-safe.
-        ids.push(unsafe {
-            signal_hook::low_level::register(libc::SIGUSR2, || {
-                TOGGLES.fetch_add(1, Ordering::Relaxed);
-                wake();
-            })
-        }?);
-        if thread_dump {
-            // SAFETY: as above.
-            let id = unsafe {
-                signal_hook::low_level::register(libc::SIGUSR1, || {
+    pub(crate) fn register(toggle: Option<libc::c_int>, dump: Option<libc::c_int>) -> io::Result<Self> {
+        let mut signals = OperatorSignals { ids: Vec::new() };
+        if let Some(sig) = toggle {
+            report_existing_handler(sig, "toggle", crate::vars::TOGGLE_SIGNAL);
+            // SAFETY: the action only touches an atomic and calls `wake`, all async-signal-safe.
+            signals.ids.push(unsafe {
+                signal_hook::low_level::register(sig, || {
+                    TOGGLES.fetch_add(1, Ordering::Relaxed);
+                    wake();
+                })
+            }?);
+            REGISTERED_BEFORE.fetch_or(bit(sig), Ordering::AcqRel);
+        }
+        if let Some(sig) = dump {
+            report_existing_handler(sig, "thread dump", crate::vars::DUMP_SIGNAL);
+            // SAFETY: as above. On an error `signals` is dropped, unregistering the toggle.
+            signals.ids.push(unsafe {
+                signal_hook::low_level::register(sig, || {
                     THREAD_DUMPS.fetch_add(1, Ordering::Relaxed);
                     wake();
                 })
-            };
-            match id {
-                Ok(id) => ids.push(id),
-                Err(e) => {
-                    signal_hook::low_level::unregister(ids[0]);
-                    return Err(e);
-                }
-            }
+            }?);
+            REGISTERED_BEFORE.fetch_or(bit(sig), Ordering::AcqRel);
         }
-        Ok(OperatorSignals { ids })
+        Ok(signals)
+    }
+}
+
+/// Logs when `sig` already has a handler: signal-hook chains to it, so the service's handler
+/// and onsite's both run on every delivery, and the operator should know how to part them.
+fn report_existing_handler(sig: libc::c_int, job: &str, variable: &str) {
+    // SAFETY: sigaction(2) only reads the disposition into a zeroed struct on this stack.
+    let current = unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut current) != 0 {
+            return;
+        }
+        current.sa_sigaction
+    };
+    let name = crate::env::signal_name(sig);
+    if current == libc::SIG_IGN {
+        tracing::info!(signal = %name, "onsite: {name} was ignored by the process; onsite now uses it as its {job} signal");
+    } else if current != libc::SIG_DFL && REGISTERED_BEFORE.load(Ordering::Acquire) & bit(sig) == 0 {
+        tracing::warn!(
+            signal = %name,
+            "onsite: {name} already has a handler; onsite chains to it, so both run on every {name}. \
+             If the service uses {name} itself, give onsite's {job} another signal: {variable}=SIGRTMIN+N, or `off`"
+        );
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use onsite_core::ProfileKind::Cpu;
+use onsite_core::ProfileKind::{Cpu, Threads};
 use onsite_core::pprof::decode;
 use onsite_core::test_support::{dump_files, role};
 use support::Service;
@@ -120,4 +120,90 @@ fn a_sigterm_handler_registered_mid_capture_sees_each_sigterm_once() {
     for file in &files {
         decode(&std::fs::read(file).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
+}
+
+/// A service that uses SIGUSR1 itself (log reopening, say): its handler, registered before
+/// onsite's install, counts deliveries and the main loop logs the count.
+#[test]
+#[ignore = "child process role"]
+fn child_with_its_own_sigusr1_handler() {
+    if role().as_deref() != Some("child_with_its_own_sigusr1_handler") {
+        return;
+    }
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    init_logging();
+    // SAFETY: the action only increments an atomic.
+    unsafe {
+        signal_hook::low_level::register(libc::SIGUSR1, || {
+            SEEN.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+    .unwrap();
+    let _onsite = onsite::install().expect("the test's configuration is valid");
+    support::announce_ready();
+    let mut reported = 0;
+    loop {
+        let seen = SEEN.load(Ordering::Relaxed);
+        if seen != reported {
+            tracing::info!("the service's SIGUSR1 handler has run {seen} times");
+            reported = seen;
+        }
+        support::burn_cpu_in_a_known_function(10_000);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The thread-dump file's section for `thread`, which must be there.
+fn section_of<'a>(dump: &'a str, thread: &str) -> &'a str {
+    dump.split("\nthread ")
+        .find(|s| s.contains(&format!("\"{thread}\"")))
+        .unwrap_or_else(|| panic!("{thread} is not in the dump:\n{dump}"))
+}
+
+#[test]
+fn with_the_dump_signal_moved_sigusr1_reaches_only_the_services_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = cpu_only();
+    env.push(("ONSITE_DUMP_SIGNAL", "SIGRTMIN+5"));
+    let mut service = Service::start("child_with_its_own_sigusr1_handler", dir.path(), &env);
+    let log = service.log_text();
+    assert!(log.contains("dump_signal=SIGRTMIN+5"), "install logs the moved signal:\n{log}");
+    assert!(!log.contains("already has a handler"), "onsite left SIGUSR1 alone:\n{log}");
+
+    service.signal(libc::SIGUSR1);
+    service.wait_for_log("the service's SIGUSR1 handler has run 1 times", DEADLINE);
+    // The control thread looks at toggles and dump requests each time it wakes: once a capture
+    // started and stopped after that SIGUSR1, a dump it asked for would have been written.
+    service.signal(libc::SIGUSR2);
+    service.wait_for_log("capture started", DEADLINE);
+    service.signal(libc::SIGUSR2);
+    service.wait_for_log("capture stopped", DEADLINE);
+    assert!(dump_files(dir.path(), Threads, "txt").is_empty(), "SIGUSR1 wrote no thread dump:\n{}", service.log_text());
+
+    service.signal(libc::SIGRTMIN() + 5);
+    let dumps = service.wait_for_files(Threads, "txt", 1, DEADLINE);
+    let text = std::fs::read_to_string(&dumps[0]).unwrap();
+    assert!(section_of(&text, "onsite-control").contains("onsite::control::Controller::run"), "{text}");
+    assert!(
+        !service.log_text().contains("has run 2 times"),
+        "the moved signal did not reach the service's SIGUSR1 handler:\n{}",
+        service.log_text()
+    );
+    assert!(service.is_alive());
+}
+
+#[test]
+fn install_says_when_onsite_chains_to_a_handler_already_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Service::start("child_with_its_own_sigusr1_handler", dir.path(), &cpu_only());
+    let log = service.log_text();
+    let warning = log.lines().find(|l| l.contains("SIGUSR1 already has a handler")).unwrap_or_else(|| {
+        panic!("install did not say it chains to the service's SIGUSR1 handler:\n{log}");
+    });
+    assert!(warning.contains("WARN") && warning.contains("ONSITE_DUMP_SIGNAL"), "{warning}");
+    assert!(!log.contains("SIGUSR2 already has a handler"), "{log}");
+    // Chained: one SIGUSR1 runs both handlers.
+    service.signal(libc::SIGUSR1);
+    service.wait_for_log("the service's SIGUSR1 handler has run 1 times", DEADLINE);
+    service.wait_for_files(Threads, "txt", 1, DEADLINE);
 }
