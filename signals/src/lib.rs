@@ -4,7 +4,9 @@
 //! of `main`:
 //!
 //! ```no_run
-//! let _onsite = onsite::install().expect("onsite configuration");
+//! // Keep it alive. Bad `ONSITE_*` values are logged and replaced; only a process where onsite
+//! // cannot run at all gets an error, and the service runs on without it.
+//! let _onsite = onsite::install().inspect_err(|e| tracing::error!("{e}")).ok();
 //! ```
 //!
 //! then `kill -USR2 <pid>` starts a capture of every enabled kind, and the next
@@ -12,8 +14,13 @@
 //! `{command}-{pid}-{kind}-{timestamp}.{ext}`, into the dump directory (the system temp dir,
 //! `ONSITE_DIR`, or [`Builder::dump_dir`]). A capture also stops by itself after
 //! [`Builder::max_duration`] (10 minutes by default). `kill -USR1 <pid>` writes every thread's
-//! stack (with the `threads` feature). SIGINT or SIGTERM during a capture first writes the
-//! capture's files, then ends the process as it would have ended without onsite.
+//! stack (with the `threads` feature); both signals can be moved or turned off
+//! ([`Builder::toggle_signal`], [`Builder::dump_signal`], `ONSITE_TOGGLE_SIGNAL`,
+//! `ONSITE_DUMP_SIGNAL`). SIGINT or SIGTERM during a capture first writes the capture's files,
+//! then ends the process as it would have ended without onsite.
+//!
+//! A wrong setting never stops the service: it is logged, naming the variable, the value and
+//! what is used instead ([`Builder::strict`] or `ONSITE_STRICT=1` make it `install`'s error).
 //!
 //! Each backend is a cargo feature (all on by default): `cpu`, `memory`, `mutex`, `block`,
 //! `trace`, `threads`. Some need one more line in the service: the memory backend its global
