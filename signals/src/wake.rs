@@ -39,7 +39,9 @@
 //! returns from `main`) waits for the files; one that calls `std::process::exit` at once may
 //! end before they are written. And a handler below onsite's (installed before the capture) is
 //! not called when a handler installed over onsite's chains to it: onsite cannot tell which
-//! of the handlers that chain to it would have called which.
+//! of the handlers that chain to it would have called which. A handler installed in the instant
+//! between the kernel's delivery to onsite's handler and that handler's look at the disposition
+//! looks like a chain: the capture is written, the signal is not sent again.
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;

@@ -86,10 +86,9 @@ impl Settings {
         self.interval
     }
 
-    /// The rules, checked against the kinds this build can capture. Empty when none are set
-    /// or the text is `off`.
-    /// The rules, checked against the kinds compiled in. Rules that cannot be used are all
-    /// rejected: no automatic capture runs rather than some of them (manual captures work).
+    /// The rules, checked against the kinds this build can capture. Empty when none are set,
+    /// the text is `off`, or they cannot be used: then all are rejected (reported through
+    /// `env`), and no automatic capture runs rather than some of them (manual captures work).
     pub(crate) fn rules(&self, compiled: &[ProfileKind], env: &mut env::Reader) -> Vec<Rule> {
         self.checked_rules(compiled).unwrap_or_else(|error| {
             env.reject(error, "no automatic rules");
