@@ -18,12 +18,13 @@ use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler, S
 use crate::auto::watch::{Firing, Watch};
 use crate::manifest::{self, Trigger};
 use crate::retention;
-use crate::wake::{self, TERMINATION, THREAD_DUMPS, TOGGLES, TerminationGuard};
+use crate::wake::{self, CHAINED_TERMINATION, TERMINATION, THREAD_DUMPS, TOGGLES, TerminationGuard};
 
 /// Why a capture started or stopped, as logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cause {
-    Signal,
+    /// The toggle signal, this one.
+    Signal(libc::c_int),
     Api,
     MaxDuration,
     RuleDuration,
@@ -34,7 +35,7 @@ pub(crate) enum Cause {
 impl std::fmt::Display for Cause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Cause::Signal => f.write_str("SIGUSR2"),
+            Cause::Signal(sig) => f.write_str(&crate::env::signal_name(*sig)),
             Cause::Api => f.write_str("API call"),
             Cause::MaxDuration => f.write_str("maximum duration reached"),
             Cause::RuleDuration => f.write_str("the rule's capture duration elapsed"),
@@ -74,6 +75,8 @@ pub(crate) struct Setup {
     /// The kinds a manual capture (and a rule without `kinds=`) contains.
     pub(crate) kinds: Vec<ProfileKind>,
     pub(crate) max_duration: Duration,
+    /// The signal that toggles a capture; `None` when there is none.
+    pub(crate) toggle_signal: Option<libc::c_int>,
     pub(crate) backends: crate::backends::Settings,
     /// The automatic rules; `None` when there are none (then nothing wakes periodically).
     pub(crate) watch: Option<Watch>,
@@ -116,7 +119,10 @@ impl Controller {
             self.sleep(wake_at.map_or(IDLE_WAIT, |at| at.saturating_duration_since(now)));
 
             if let sig @ 1.. = TERMINATION.swap(0, Ordering::AcqRel) {
-                self.on_termination(sig);
+                self.on_termination(sig, true);
+            }
+            if let sig @ 1.. = CHAINED_TERMINATION.swap(0, Ordering::AcqRel) {
+                self.on_termination(sig, false);
             }
             for _ in 0..TOGGLES.swap(0, Ordering::AcqRel) {
                 self.toggle();
@@ -170,10 +176,12 @@ impl Controller {
     }
 
     fn toggle(&mut self) {
+        // Toggles are counted only while the toggle signal is registered.
+        let sig = self.setup.toggle_signal.unwrap_or(libc::SIGUSR2);
         if self.capture.is_some() {
-            self.stop(Cause::Signal);
+            self.stop(Cause::Signal(sig));
         } else {
-            self.start(Trigger::Signal);
+            self.start(Trigger::Signal(sig));
         }
     }
 
@@ -208,7 +216,7 @@ impl Controller {
                 f.capture.min(self.setup.max_duration),
                 f.capture < self.setup.max_duration,
             ),
-            Trigger::Signal | Trigger::Api => (self.setup.kinds.clone(), self.setup.max_duration, false),
+            Trigger::Signal(_) | Trigger::Api => (self.setup.kinds.clone(), self.setup.max_duration, false),
         };
         let output = CaptureOutput::new(dir.clone(), CaptureStamp::now());
         let started_wall = SystemTime::now();
@@ -236,7 +244,11 @@ impl Controller {
             kinds = %started.join(","),
             dir = %dir.dir().display(),
             stops_after = ?length,
-            "onsite: capture started; send SIGUSR2 to pid {} to stop it now", dir.pid()
+            "onsite: capture started; {}",
+            match self.setup.toggle_signal {
+                Some(sig) => format!("send {} to pid {} to stop it now", crate::env::signal_name(sig), dir.pid()),
+                None => "it stops through the API, its duration or shutdown".to_owned(),
+            }
         );
         let now = Instant::now();
         self.capture = Some(Capture {
@@ -313,15 +325,18 @@ impl Controller {
     }
 
     /// SIGINT/SIGTERM arrived while our handler was armed: finish the capture, give the signal
-    /// back to whoever had it before, and send it again.
-    fn on_termination(&mut self, sig: libc::c_int) {
+    /// back to whoever had it before, and send it again if `resend` (our handler consumed it);
+    /// not if a handler installed over ours during the capture had it first (see `wake.rs`).
+    fn on_termination(&mut self, sig: libc::c_int, resend: bool) {
         if self.capture.is_some() {
             tracing::info!(signal = sig, "onsite: termination signal during a capture; writing its files first");
             self.stop(Cause::Termination(sig));
         }
         // `stop` disarmed the guard; the signal is re-sent even when the capture had just ended
         // by itself, because our handler consumed it.
-        wake::resend(sig);
+        if resend {
+            wake::resend(sig);
+        }
     }
 
     #[cfg(feature = "threads")]

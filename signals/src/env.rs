@@ -1,8 +1,74 @@
-//! Reading `ONSITE_*` settings: every parser names the variable and the value it rejects.
+//! Reading `ONSITE_*` settings: every parser names the variable and the value it rejects, and
+//! [`Reader`] decides what a rejected value does to the installation.
 
+use std::fmt;
 use std::time::Duration;
 
 use onsite_core::ConfigError;
+
+/// Applies `ONSITE_*` variables over the builder's settings, one at a time.
+///
+/// A bad value (or a bad builder setting found while checking) never stops the service: it is
+/// logged at error level, naming the variable, the value, why it is wrong and what is used
+/// instead, and the setting keeps what it would have had without it. In strict mode
+/// ([`crate::Builder::strict`], `ONSITE_STRICT=1`, for tests and CI) the first bad value is
+/// `install`'s error instead, and nothing is installed.
+#[derive(Debug)]
+pub(crate) struct Reader {
+    strict: bool,
+    first_error: Option<ConfigError>,
+}
+
+impl Reader {
+    pub(crate) fn new(strict: bool) -> Self {
+        Reader { strict, first_error: None }
+    }
+
+    pub(crate) fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
+    /// `name` parsed by `parse` into `slot`; a bad value leaves `slot` as it is, reported with
+    /// `slot`'s value (`Debug`) as what is used instead.
+    pub(crate) fn set<T: fmt::Debug>(&mut self, name: &str, slot: &mut T, parse: impl Fn(&str) -> Result<T, String>) {
+        self.set_shown(name, slot, parse, |value| format!("{value:?}"));
+    }
+
+    /// As [`Reader::set`], with `shown` saying what is used instead.
+    pub(crate) fn set_shown<T>(
+        &mut self,
+        name: &str,
+        slot: &mut T,
+        parse: impl Fn(&str) -> Result<T, String>,
+        shown: impl Fn(&T) -> String,
+    ) {
+        match parsed(name, parse) {
+            Ok(Some(value)) => *slot = value,
+            Ok(None) => {}
+            Err(e) => self.reject(e, shown(slot)),
+        }
+    }
+
+    /// Reports a rejected value; `instead` is what onsite uses in its place.
+    pub(crate) fn reject(&mut self, error: ConfigError, instead: impl fmt::Display) {
+        if !self.strict {
+            tracing::error!(
+                variable = %error.setting,
+                value = %error.value,
+                "onsite: bad setting {error}; using {instead} instead, and the service runs on"
+            );
+        }
+        self.first_error.get_or_insert(error);
+    }
+
+    /// In strict mode, the first rejected value.
+    pub(crate) fn finish(self) -> Result<(), ConfigError> {
+        match self.first_error {
+            Some(error) if self.strict => Err(error),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// The value of `name`, `None` when unset. A value that is not UTF-8 is an error.
 pub(crate) fn var(name: &str) -> Result<Option<String>, ConfigError> {
@@ -75,6 +141,84 @@ where
     }
 }
 
+/// The classic signals onsite can take for an operator's job. Every other one either ends or
+/// stops the process, reports a fault, or belongs to someone (SIGPROF: the CPU profile;
+/// SIGINT/SIGTERM: termination, handled on their own; SIGCHLD, SIGPIPE, SIGALRM: the service's
+/// and libc's).
+const NAMED_SIGNALS: [(&str, libc::c_int); 4] =
+    [("USR1", libc::SIGUSR1), ("USR2", libc::SIGUSR2), ("HUP", libc::SIGHUP), ("WINCH", libc::SIGWINCH)];
+
+/// A signal as a person writes it: `SIGUSR2` or `USR2` (also `HUP`, `WINCH`), a real-time
+/// signal `SIGRTMIN+N` / `SIGRTMAX-N` (with or without `SIG`), or its number. Case-insensitive.
+pub(crate) fn parse_signal(text: &str) -> Result<libc::c_int, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    let offset = |rest: &str, sign: char| -> Result<libc::c_int, String> {
+        if rest.is_empty() {
+            return Ok(0);
+        }
+        rest.strip_prefix(sign)
+            .and_then(|n| n.trim().parse::<libc::c_int>().ok())
+            .ok_or_else(|| format!("expected RTMIN+N or RTMAX-N, with N a whole number, not {text:?}"))
+    };
+    let number = if let Some(rest) = name.strip_prefix("RTMIN") {
+        min + offset(rest, '+')?
+    } else if let Some(rest) = name.strip_prefix("RTMAX") {
+        max - offset(rest, '-')?
+    } else if let Some(&(_, sig)) = NAMED_SIGNALS.iter().find(|(n, _)| *n == name) {
+        sig
+    } else if let Ok(number) = name.parse::<libc::c_int>() {
+        number
+    } else {
+        return Err(format!(
+            "is not a signal onsite can use; use USR1, USR2, HUP, WINCH, a real-time signal SIGRTMIN+N ({min} to {max}), or `off`"
+        ));
+    };
+    if (min..=max).contains(&number) || NAMED_SIGNALS.iter().any(|&(_, sig)| sig == number) {
+        Ok(number)
+    } else {
+        Err(format!(
+            "signal {number} is not one onsite can use; use USR1, USR2, HUP, WINCH, or a real-time signal {min} (SIGRTMIN) to {max} (SIGRTMAX)"
+        ))
+    }
+}
+
+/// [`parse_signal`], or `off` (also `none`) for no signal.
+pub(crate) fn parse_signal_or_off(text: &str) -> Result<Option<libc::c_int>, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "off" | "none" => Ok(None),
+        _ => parse_signal(text).map(Some),
+    }
+}
+
+/// A signal's name as [`parse_signal`] reads it: `SIGUSR2`, `SIGRTMIN+5`; else its number.
+pub(crate) fn signal_name(sig: libc::c_int) -> String {
+    if let Some((name, _)) = NAMED_SIGNALS.iter().find(|&&(_, s)| s == sig) {
+        return format!("SIG{name}");
+    }
+    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    if (min..=max).contains(&sig) {
+        return if sig == min { "SIGRTMIN".to_owned() } else { format!("SIGRTMIN+{}", sig - min) };
+    }
+    match sig {
+        libc::SIGINT => "SIGINT".to_owned(),
+        libc::SIGTERM => "SIGTERM".to_owned(),
+        _ => format!("signal {sig}"),
+    }
+}
+
+/// A signal as `kill -NAME` takes it: `USR2`, `RTMIN+5`.
+pub(crate) fn kill_name(sig: libc::c_int) -> String {
+    let name = signal_name(sig);
+    name.strip_prefix("SIG").map_or(name.clone(), str::to_owned)
+}
+
+/// A signal setting as logged: its name, or `off`.
+pub(crate) fn signal_or_off(sig: Option<libc::c_int>) -> String {
+    sig.map_or_else(|| "off".to_owned(), signal_name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +243,29 @@ mod tests {
         assert!(parse_in_range(1..=1000)("lots").is_err());
         assert_eq!(parse_bool("Off"), Ok(false));
         assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn signals_as_people_write_them() {
+        let min = libc::SIGRTMIN();
+        assert_eq!(parse_signal("SIGUSR2"), Ok(libc::SIGUSR2));
+        assert_eq!(parse_signal("usr1"), Ok(libc::SIGUSR1));
+        assert_eq!(parse_signal("SIGHUP"), Ok(libc::SIGHUP));
+        assert_eq!(parse_signal("SIGRTMIN+5"), Ok(min + 5));
+        assert_eq!(parse_signal("rtmin"), Ok(min));
+        assert_eq!(parse_signal("SIGRTMAX-1"), Ok(libc::SIGRTMAX() - 1));
+        assert_eq!(parse_signal(&(min + 2).to_string()), Ok(min + 2));
+        assert_eq!(parse_signal("12"), Ok(libc::SIGUSR2));
+        assert!(parse_signal("SIGTERM").unwrap_err().contains("not a signal onsite can use"));
+        assert!(parse_signal("SIGSEGV").is_err());
+        assert!(parse_signal("9").unwrap_err().contains("signal 9"));
+        assert!(parse_signal("SIGRTMIN+x").is_err());
+        assert!(parse_signal("SIGRTMIN+99").is_err());
+        assert!(parse_signal("banana").is_err());
+        assert_eq!(parse_signal_or_off("off"), Ok(None));
+        assert_eq!(parse_signal_or_off("SIGUSR2"), Ok(Some(libc::SIGUSR2)));
+        assert_eq!(signal_name(min + 5), "SIGRTMIN+5");
+        assert_eq!(signal_name(libc::SIGUSR1), "SIGUSR1");
+        assert_eq!(parse_signal(&signal_name(min + 7)), Ok(min + 7));
     }
 }

@@ -4,7 +4,9 @@
 //! of `main`:
 //!
 //! ```no_run
-//! let _onsite = onsite::install().expect("onsite configuration");
+//! // Keep it alive. Bad `ONSITE_*` values are logged and replaced; only a process where onsite
+//! // cannot run at all gets an error, and the service runs on without it.
+//! let _onsite = onsite::install().inspect_err(|e| tracing::error!("{e}")).ok();
 //! ```
 //!
 //! then `kill -USR2 <pid>` starts a capture of every enabled kind, and the next
@@ -12,8 +14,13 @@
 //! `{command}-{pid}-{kind}-{timestamp}.{ext}`, into the dump directory (the system temp dir,
 //! `ONSITE_DIR`, or [`Builder::dump_dir`]). A capture also stops by itself after
 //! [`Builder::max_duration`] (10 minutes by default). `kill -USR1 <pid>` writes every thread's
-//! stack (with the `threads` feature). SIGINT or SIGTERM during a capture first writes the
-//! capture's files, then ends the process as it would have ended without onsite.
+//! stack (with the `threads` feature); both signals can be moved or turned off
+//! ([`Builder::toggle_signal`], [`Builder::dump_signal`], `ONSITE_TOGGLE_SIGNAL`,
+//! `ONSITE_DUMP_SIGNAL`). SIGINT or SIGTERM during a capture first writes the capture's files,
+//! then ends the process as it would have ended without onsite.
+//!
+//! A wrong setting never stops the service: it is logged, naming the variable, the value and
+//! what is used instead ([`Builder::strict`] or `ONSITE_STRICT=1` make it `install`'s error).
 //!
 //! Each backend is a cargo feature (all on by default): `cpu`, `memory`, `mutex`, `block`,
 //! `trace`, `threads`. Some need one more line in the service: the memory backend its global
@@ -82,6 +89,15 @@ pub mod vars {
     /// At most this many bytes of onsite's files are kept, e.g. `256MiB` (the default), `1GB`,
     /// or `unlimited`.
     pub const RETAIN_BYTES: &str = "ONSITE_RETAIN_BYTES";
+    /// The signal that starts and stops a capture: `SIGUSR2` (the default), `USR1`, `HUP`,
+    /// `WINCH`, a real-time signal `SIGRTMIN+N`, or `off`.
+    pub const TOGGLE_SIGNAL: &str = "ONSITE_TOGGLE_SIGNAL";
+    /// The signal that writes every thread's stack: `SIGUSR1` (the default), the same choices
+    /// as [`TOGGLE_SIGNAL`], or `off`.
+    pub const DUMP_SIGNAL: &str = "ONSITE_DUMP_SIGNAL";
+    /// `1`/`true`: a bad `ONSITE_*` value makes `install` fail instead of being logged and
+    /// replaced (for tests and CI). Default: off.
+    pub const STRICT: &str = "ONSITE_STRICT";
 }
 
 /// The default limit on a capture's length, so a forgotten toggle cannot run forever.
@@ -98,6 +114,9 @@ pub struct Builder {
     dir: Option<PathBuf>,
     kinds: Option<Vec<ProfileKind>>,
     max_duration: Duration,
+    strict: bool,
+    toggle_signal: Option<libc::c_int>,
+    dump_signal: Option<libc::c_int>,
     pub(crate) backends: backends::Settings,
     pub(crate) auto: auto::Settings,
     pub(crate) retention: retention::Settings,
@@ -116,6 +135,9 @@ impl Builder {
             dir: None,
             kinds: None,
             max_duration: DEFAULT_MAX_DURATION,
+            strict: false,
+            toggle_signal: Some(libc::SIGUSR2),
+            dump_signal: Some(libc::SIGUSR1),
             backends: Default::default(),
             auto: Default::default(),
             retention: Default::default(),
@@ -141,12 +163,38 @@ impl Builder {
         self
     }
 
+    /// The signal that starts and stops a capture (default `Some(SIGUSR2)`); `None` for none
+    /// (captures then start through the API and rules only). It may be `SIGUSR1`, `SIGUSR2`,
+    /// `SIGHUP`, `SIGWINCH` or a real-time signal; `ONSITE_TOGGLE_SIGNAL` still wins.
+    pub fn toggle_signal(mut self, signal: Option<i32>) -> Self {
+        self.toggle_signal = signal;
+        self
+    }
+
+    /// The signal that writes every thread's stack (default `Some(SIGUSR1)`, with the `threads`
+    /// feature); `None` for none. The same choices as [`Builder::toggle_signal`];
+    /// `ONSITE_DUMP_SIGNAL` still wins.
+    pub fn dump_signal(mut self, signal: Option<i32>) -> Self {
+        self.dump_signal = signal;
+        self
+    }
+
+    /// Whether a bad setting makes [`Builder::install`] fail (`true`, for tests and CI) rather
+    /// than being logged and replaced while the service runs on (`false`, the default).
+    /// `ONSITE_STRICT` still wins.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
     /// Applies the environment, registers the signal handlers and starts the control thread.
     ///
-    /// Errors name the setting and the value at fault. Only one installation may be live in a
-    /// process at a time.
+    /// A bad setting (builder or `ONSITE_*`) is logged at error level, naming it, its value
+    /// and what is used instead, and the installation goes on; with [`Builder::strict`] it is
+    /// this call's error instead. Other errors: onsite is already installed in this process, or
+    /// the system refused a signal handler, socket or thread.
     pub fn install(mut self) -> Result<Onsite, InstallError> {
-        self.apply_env()?;
+        let env = self.apply_env();
         let dir = match &self.dir {
             Some(dir) => DumpDir::new(dir),
             None => DumpDir::new(std::env::temp_dir()),
@@ -154,7 +202,7 @@ impl Builder {
         if INSTALLED.swap(true, Ordering::AcqRel) {
             return Err(InstallError::AlreadyInstalled);
         }
-        match self.spawn(dir) {
+        match self.spawn(dir, env) {
             Ok(onsite) => Ok(onsite),
             Err(e) => {
                 INSTALLED.store(false, Ordering::Release);
@@ -163,31 +211,101 @@ impl Builder {
         }
     }
 
-    fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(dir) = env::var(vars::DIR)? {
-            if dir.is_empty() {
-                return Err(ConfigError::new(vars::DIR, dir, "must name a directory"));
-            }
-            self.dir = Some(PathBuf::from(dir));
+    /// Applies the environment over the builder's settings; what was wrong is in the returned
+    /// reader (logged already, or kept for strict mode's error).
+    fn apply_env(&mut self) -> env::Reader {
+        let mut env = env::Reader::new(self.strict);
+        env.set(vars::STRICT, &mut self.strict, env::parse_bool);
+        env.set_strict(self.strict);
+        match env::var(vars::DIR) {
+            Ok(None) => {}
+            Ok(Some(dir)) if !dir.is_empty() => self.dir = Some(PathBuf::from(dir)),
+            Ok(Some(dir)) => env.reject(ConfigError::new(vars::DIR, dir, "must name a directory"), self.dir_text()),
+            Err(e) => env.reject(e, self.dir_text()),
         }
-        if let Some(kinds) = env::parsed(vars::KINDS, parse_kinds)? {
-            self.kinds = Some(kinds);
-        }
-        if let Some(limit) = env::parsed(vars::MAX_DURATION, env::parse_duration)? {
-            self.max_duration = limit;
-        }
+        env.set_shown(vars::KINDS, &mut self.kinds, |text| parse_kinds(text).map(Some), kinds_text);
+        env.set(vars::MAX_DURATION, &mut self.max_duration, |text| {
+            env::parse_duration(text).and_then(|limit| match limit.is_zero() {
+                true => Err("a capture must be allowed to run".into()),
+                false => Ok(limit),
+            })
+        });
         if self.max_duration.is_zero() {
-            return Err(ConfigError::new(vars::MAX_DURATION, "0s", "a capture must be allowed to run"));
+            env.reject(
+                ConfigError::new("Builder::max_duration", "0s", "a capture must be allowed to run"),
+                format!("{DEFAULT_MAX_DURATION:?}"),
+            );
+            self.max_duration = DEFAULT_MAX_DURATION;
         }
-        self.auto.apply_env()?;
-        self.retention.apply_env()?;
-        self.backends.apply_env()
+        self.auto.apply_env(&mut env);
+        self.retention.apply_env(&mut env);
+        self.backends.apply_env(&mut env);
+        self.apply_signals(&mut env);
+        env
     }
 
-    fn spawn(self, dir: DumpDir) -> Result<Onsite, InstallError> {
+    /// The toggle and dump signals: each from its variable, checked, and never one signal for
+    /// two jobs (with the thread dump's own signal either). A wrong one is turned off rather
+    /// than put back to its default, which may be the very signal the service uses.
+    fn apply_signals(&mut self, env: &mut env::Reader) {
+        for (name, builder_name, slot) in [
+            (vars::TOGGLE_SIGNAL, "Builder::toggle_signal", &mut self.toggle_signal),
+            (vars::DUMP_SIGNAL, "Builder::dump_signal", &mut self.dump_signal),
+        ] {
+            if let Some(sig) = *slot
+                && let Err(reason) = env::parse_signal(&sig.to_string())
+            {
+                env.reject(ConfigError::new(builder_name, sig.to_string(), reason), "off");
+                *slot = None;
+            }
+            match env::parsed(name, env::parse_signal_or_off) {
+                Ok(Some(sig)) => *slot = sig,
+                Ok(None) => {}
+                Err(e) => {
+                    env.reject(e, "off");
+                    *slot = None;
+                }
+            }
+        }
+        if cfg!(not(feature = "threads")) {
+            self.dump_signal = None;
+        }
+        if self.toggle_signal.is_some() && self.dump_signal == self.toggle_signal {
+            let reason = format!("is also the toggle signal ({}); one signal cannot do two jobs", vars::TOGGLE_SIGNAL);
+            env.reject(ConfigError::new(vars::DUMP_SIGNAL, env::signal_or_off(self.dump_signal), reason), "off");
+            self.dump_signal = None;
+        }
+        #[cfg(feature = "threads")]
+        if let Some(internal) = self.backends.threads.internal_signal()
+            && self.dump_signal.is_some()
+        {
+            for (job, sig) in [(vars::TOGGLE_SIGNAL, self.toggle_signal), (vars::DUMP_SIGNAL, self.dump_signal)] {
+                if sig == Some(internal) {
+                    let reason = format!(
+                        "is also {job}; the thread dump sends this signal to every thread, so one signal cannot do both jobs"
+                    );
+                    env.reject(
+                        ConfigError::new(backends::threads::DUMP_SIGNAL_VAR, env::signal_name(internal), reason),
+                        format!("no thread dump ({} off)", vars::DUMP_SIGNAL),
+                    );
+                    self.dump_signal = None;
+                }
+            }
+        }
+    }
+
+    fn dir_text(&self) -> String {
+        match &self.dir {
+            Some(dir) => dir.display().to_string(),
+            None => format!("the system temp dir ({})", std::env::temp_dir().display()),
+        }
+    }
+
+    fn spawn(self, dir: DumpDir, mut env: env::Reader) -> Result<Onsite, InstallError> {
         let profilers = self.backends.profilers();
         let compiled: Vec<ProfileKind> = profilers.iter().map(|p| p.kind()).collect();
-        let rules = self.auto.rules(&compiled)?;
+        let rules = self.auto.rules(&compiled, &mut env);
+        env.finish()?;
         if let Err(e) = dir.ensure_exists() {
             // Not fatal: the directory may appear later (a volume mounted after start-up), and
             // each capture reports its own write errors.
@@ -211,13 +329,15 @@ impl Builder {
 
         let wake = wake::WakeSocket::new().map_err(InstallError::Io)?;
         let reader = wake.reader.try_clone().map_err(InstallError::Io)?;
-        let signals = wake::OperatorSignals::register(cfg!(feature = "threads")).map_err(InstallError::Io)?;
+        let signals =
+            wake::OperatorSignals::register(self.toggle_signal, self.dump_signal).map_err(InstallError::Io)?;
         let (commands, receiver) = mpsc::channel();
         let setup = control::Setup {
             dir: dir.clone(),
             profilers,
             kinds,
             max_duration: self.max_duration,
+            toggle_signal: self.toggle_signal,
             backends: self.backends.clone(),
             watch,
             retention: self.retention,
@@ -240,8 +360,13 @@ impl Builder {
             auto_interval = ?self.auto.interval(),
             retain_captures = ?self.retention.max_captures,
             retain_bytes = ?self.retention.max_bytes,
-            "onsite: installed; `kill -USR2 {}` starts a capture, the next one stops it",
-            dir.pid()
+            toggle_signal = %env::signal_or_off(self.toggle_signal),
+            dump_signal = %env::signal_or_off(self.dump_signal),
+            "onsite: installed; {}",
+            match self.toggle_signal {
+                Some(sig) => format!("`kill -{} {}` starts a capture, the next one stops it", env::kill_name(sig), dir.pid()),
+                None => "no toggle signal (ONSITE_TOGGLE_SIGNAL=off): captures start through the API or rules".to_owned(),
+            }
         );
         Ok(Onsite {
             dir: dir.dir().to_owned(),
@@ -250,6 +375,13 @@ impl Builder {
             signals: Some(signals),
             wake: Some(wake),
         })
+    }
+}
+
+fn kinds_text(kinds: &Option<Vec<ProfileKind>>) -> String {
+    match kinds {
+        None => "all".to_owned(),
+        Some(kinds) => kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(","),
     }
 }
 

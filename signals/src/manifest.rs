@@ -12,7 +12,8 @@ use crate::auto::watch::{Firing, show};
 /// What started a capture.
 #[derive(Debug, Clone)]
 pub(crate) enum Trigger {
-    Signal,
+    /// The toggle signal, this one.
+    Signal(libc::c_int),
     Api,
     Rule(Box<Firing>),
 }
@@ -20,7 +21,7 @@ pub(crate) enum Trigger {
 impl std::fmt::Display for Trigger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Trigger::Signal => f.write_str("SIGUSR2"),
+            Trigger::Signal(sig) => f.write_str(&crate::env::signal_name(*sig)),
             Trigger::Api => f.write_str("API call"),
             Trigger::Rule(firing) => write!(f, "rule {:?}", firing.text),
         }
@@ -83,7 +84,7 @@ fn to_json(out: &CaptureOutput, r: &Record<'_>) -> Value {
 
 fn trigger_json(trigger: &Trigger) -> Value {
     match trigger {
-        Trigger::Signal => json!({ "trigger": "signal", "signal": "SIGUSR2" }),
+        Trigger::Signal(sig) => json!({ "trigger": "signal", "signal": crate::env::signal_name(*sig) }),
         Trigger::Api => json!({ "trigger": "api" }),
         Trigger::Rule(f) => json!({
             "trigger": "rule",

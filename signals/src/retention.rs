@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use onsite_core::{ConfigError, DumpDir, ProfileKind};
+use onsite_core::{DumpDir, ProfileKind};
 
 use crate::env;
 
@@ -38,21 +38,24 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(n) = env::parsed(crate::vars::RETAIN_CAPTURES, |text| {
-            unlimited_or(text, |t| match t.parse::<usize>() {
-                Ok(n) if n >= 1 => Ok(n),
-                _ => Err("expected a number of captures (at least 1) or `unlimited`".into()),
-            })
-        })? {
-            self.max_captures = n;
-        }
-        if let Some(bytes) = env::parsed(crate::vars::RETAIN_BYTES, |text| {
-            unlimited_or(text, |t| crate::auto::parse_size(t).map_err(|e| format!("{e}; or `unlimited`")))
-        })? {
-            self.max_bytes = bytes;
-        }
-        Ok(())
+    pub(crate) fn apply_env(&mut self, env: &mut env::Reader) {
+        env.set_shown(
+            crate::vars::RETAIN_CAPTURES,
+            &mut self.max_captures,
+            |text| {
+                unlimited_or(text, |t| match t.parse::<usize>() {
+                    Ok(n) if n >= 1 => Ok(n),
+                    _ => Err("expected a number of captures (at least 1) or `unlimited`".into()),
+                })
+            },
+            |n| n.map_or("unlimited".to_owned(), |n| n.to_string()),
+        );
+        env.set_shown(
+            crate::vars::RETAIN_BYTES,
+            &mut self.max_bytes,
+            |text| unlimited_or(text, |t| crate::auto::parse_size(t).map_err(|e| format!("{e}; or `unlimited`"))),
+            |n| n.map_or("unlimited".to_owned(), |n| format!("{n} bytes")),
+        );
     }
 }
 

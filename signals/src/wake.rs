@@ -1,19 +1,52 @@
 //! How signals reach the control thread. Everything that runs inside a signal handler is in
-//! this file, and all of it is async-signal-safe: an atomic store and one non-blocking
-//! `write(2)` of one byte to a socket the control thread sleeps on. No allocation, no lock,
-//! no I/O beyond that byte.
+//! this file, and all of it is async-signal-safe: atomic loads and stores, `sigaction` to read
+//! the current disposition, and one non-blocking `write(2)` of one byte to a socket the control
+//! thread sleeps on. No allocation, no lock, nothing that waits, no I/O beyond that byte; errno
+//! is preserved for the interrupted code.
 //!
-//! - SIGUSR2 (toggle) and SIGUSR1 (thread dump) are registered through signal-hook for the life
-//!   of the installation and unregistered at shutdown.
+//! - The toggle signal (SIGUSR2) and the dump signal (SIGUSR1), or the ones configured instead,
+//!   are registered through signal-hook for the life of the installation and unregistered at
+//!   shutdown. A handler already there is kept and chained to (install logs that it was).
 //! - SIGINT and SIGTERM are only intercepted *while a capture runs*, with a plain `sigaction`
 //!   whose previous disposition is kept. When one arrives, the control thread writes the
 //!   capture's files, puts the previous disposition back and sends the signal again, so the
 //!   process then ends (or the service's own handler runs) exactly as it would without onsite.
+//!
+//! A termination handler the service installs *while a capture runs* goes on top of onsite's
+//! and, if it chains (signal-hook and so tokio do), keeps onsite's as the previous handler it
+//! calls on every delivery, for ever. So `on_termination` first asks which handler is the
+//! process's disposition now:
+//!
+//! - **onsite's**: the kernel delivered the signal to onsite alone. The control thread writes
+//!   the capture, restores the previous disposition and sends the signal again.
+//! - **another one**: onsite's was reached through that handler's chain, so the service has
+//!   the signal already. During the capture, the control thread only writes the capture and
+//!   sends nothing again (sending it again is what made one `kill -TERM` reach the service's
+//!   handler without end). Outside a capture onsite's handler does nothing at all.
+//!
+//! Every order, for one `kill -TERM`:
+//!
+//! | the service's handler is installed | while a capture runs, its handler sees it | the capture |
+//! |---|---|---|
+//! | before `install`, or before the capture | once, when onsite sends it again | written first |
+//! | during the capture (on top of onsite's) | once, at once (onsite cannot come first) | written at once, concurrently |
+//! | after the capture | once, onsite is not involved | — |
+//! | never (SIG_DFL) | — the process ends by the signal after the files are written | written first |
+//! | SIG_IGN before the capture | — onsite does not intercept an ignored signal | not stopped |
+//! | SIG_IGN or SIG_DFL during the capture | as the service set it: onsite's handler is gone | not written (the service chose) |
+//!
+//! In the third row's case a service whose graceful shutdown drops its `Onsite` handle (or
+//! returns from `main`) waits for the files; one that calls `std::process::exit` at once may
+//! end before they are written. And a handler below onsite's (installed before the capture) is
+//! not called when a handler installed over onsite's chains to it: onsite cannot tell which
+//! of the handlers that chain to it would have called which. A handler installed in the instant
+//! between the kernel's delivery to onsite's handler and that handler's look at the disposition
+//! looks like a chain: the capture is written, the signal is not sent again.
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 /// The write end of the wake socket, for handlers; -1 when not installed.
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -21,8 +54,18 @@ static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 pub(crate) static TOGGLES: AtomicUsize = AtomicUsize::new(0);
 /// SIGUSR1s received and not yet handled.
 pub(crate) static THREAD_DUMPS: AtomicUsize = AtomicUsize::new(0);
-/// The SIGINT or SIGTERM caught during a capture, 0 for none.
+/// The SIGINT or SIGTERM that onsite's handler caught as the process's disposition, 0 for none:
+/// onsite consumed it, so the control thread sends it again once the capture is written.
 pub(crate) static TERMINATION: AtomicI32 = AtomicI32::new(0);
+/// The SIGINT or SIGTERM that reached onsite's handler during a capture through a handler
+/// installed over it, 0 for none: that handler has it already, so it is never sent again.
+pub(crate) static CHAINED_TERMINATION: AtomicI32 = AtomicI32::new(0);
+/// The termination signals intercepted for the running capture, one bit per signal number.
+static ARMED: AtomicU64 = AtomicU64::new(0);
+
+fn bit(sig: libc::c_int) -> u64 {
+    1u64 << (sig as u32 % 64)
+}
 
 /// Wakes the control thread. Async-signal-safe: one non-blocking write; a full socket already
 /// holds a wake-up, so a failed write loses nothing. errno is preserved for the interrupted code.
@@ -70,38 +113,66 @@ impl Drop for WakeSocket {
     }
 }
 
-/// SIGUSR2 and (with the thread dump) SIGUSR1, registered through signal-hook.
+/// The toggle signal (SIGUSR2) and the dump signal (SIGUSR1), as configured, registered
+/// through signal-hook.
 pub(crate) struct OperatorSignals {
     ids: Vec<signal_hook::SigId>,
 }
 
+/// Signals onsite has registered through signal-hook in this process: signal-hook leaves its
+/// trampoline installed after onsite unregisters, so on a later installation that trampoline
+/// is not the service's handler.
+static REGISTERED_BEFORE: AtomicU64 = AtomicU64::new(0);
+
 impl OperatorSignals {
-    pub(crate) fn register(thread_dump: bool) -> io::Result<Self> {
-        let mut ids = Vec::new();
-        // SAFETY: the actions only touch atomics and call `wake`, all async-signal-safe.
-        ids.push(unsafe {
-            signal_hook::low_level::register(libc::SIGUSR2, || {
-                TOGGLES.fetch_add(1, Ordering::Relaxed);
-                wake();
-            })
-        }?);
-        if thread_dump {
-            // SAFETY: as above.
-            let id = unsafe {
-                signal_hook::low_level::register(libc::SIGUSR1, || {
+    pub(crate) fn register(toggle: Option<libc::c_int>, dump: Option<libc::c_int>) -> io::Result<Self> {
+        let mut signals = OperatorSignals { ids: Vec::new() };
+        if let Some(sig) = toggle {
+            report_existing_handler(sig, "toggle", crate::vars::TOGGLE_SIGNAL);
+            // SAFETY: the action only touches an atomic and calls `wake`, all async-signal-safe.
+            signals.ids.push(unsafe {
+                signal_hook::low_level::register(sig, || {
+                    TOGGLES.fetch_add(1, Ordering::Relaxed);
+                    wake();
+                })
+            }?);
+            REGISTERED_BEFORE.fetch_or(bit(sig), Ordering::AcqRel);
+        }
+        if let Some(sig) = dump {
+            report_existing_handler(sig, "thread dump", crate::vars::DUMP_SIGNAL);
+            // SAFETY: as above. On an error `signals` is dropped, unregistering the toggle.
+            signals.ids.push(unsafe {
+                signal_hook::low_level::register(sig, || {
                     THREAD_DUMPS.fetch_add(1, Ordering::Relaxed);
                     wake();
                 })
-            };
-            match id {
-                Ok(id) => ids.push(id),
-                Err(e) => {
-                    signal_hook::low_level::unregister(ids[0]);
-                    return Err(e);
-                }
-            }
+            }?);
+            REGISTERED_BEFORE.fetch_or(bit(sig), Ordering::AcqRel);
         }
-        Ok(OperatorSignals { ids })
+        Ok(signals)
+    }
+}
+
+/// Logs when `sig` already has a handler: signal-hook chains to it, so the service's handler
+/// and onsite's both run on every delivery, and the operator should know how to part them.
+fn report_existing_handler(sig: libc::c_int, job: &str, variable: &str) {
+    // SAFETY: sigaction(2) only reads the disposition into a zeroed struct on this stack.
+    let current = unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut current) != 0 {
+            return;
+        }
+        current.sa_sigaction
+    };
+    let name = crate::env::signal_name(sig);
+    if current == libc::SIG_IGN {
+        tracing::info!(signal = %name, "onsite: {name} was ignored by the process; onsite now uses it as its {job} signal");
+    } else if current != libc::SIG_DFL && REGISTERED_BEFORE.load(Ordering::Acquire) & bit(sig) == 0 {
+        tracing::warn!(
+            signal = %name,
+            "onsite: {name} already has a handler; onsite chains to it, so both run on every {name}. \
+             If the service uses {name} itself, give onsite's {job} another signal: {variable}=SIGRTMIN+N, or `off`"
+        );
     }
 }
 
@@ -123,8 +194,25 @@ pub(crate) struct TerminationGuard {
 const TERMINATION_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
 extern "C" fn on_termination(sig: libc::c_int, _info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
-    TERMINATION.store(sig, Ordering::Release);
-    wake();
+    // SAFETY: errno is thread-local; it is restored below for the interrupted code. sigaction(2)
+    // is async-signal-safe, and only reads the disposition into a struct on this stack.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut current: libc::sigaction = std::mem::zeroed();
+        let ours = libc::sigaction(sig, std::ptr::null(), &mut current) != 0 || is_ours(&current);
+        if ours {
+            TERMINATION.store(sig, Ordering::Release);
+            wake();
+        } else if ARMED.load(Ordering::Acquire) & bit(sig) != 0 {
+            CHAINED_TERMINATION.store(sig, Ordering::Release);
+            wake();
+        }
+        *libc::__errno_location() = errno;
+    }
+}
+
+fn is_ours(action: &libc::sigaction) -> bool {
+    action.sa_sigaction == on_termination as *const () as usize
 }
 
 impl TerminationGuard {
@@ -143,8 +231,11 @@ impl TerminationGuard {
                 new.sa_sigaction = on_termination as *const () as usize;
                 new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
                 libc::sigemptyset(&mut new.sa_mask);
+                ARMED.fetch_or(bit(sig), Ordering::AcqRel);
                 if libc::sigaction(sig, &new, &mut old) == 0 {
                     previous.push((sig, old));
+                } else {
+                    ARMED.fetch_and(!bit(sig), Ordering::AcqRel);
                 }
             }
         }
@@ -152,7 +243,8 @@ impl TerminationGuard {
     }
 
     /// Puts the previous dispositions back. If someone installed a handler on top of ours in
-    /// the meantime, theirs stays: replacing it would silently drop their handling.
+    /// the meantime, theirs stays: replacing it would silently drop their handling. Ours, still
+    /// in their chain, does nothing from now on.
     pub(crate) fn disarm(mut self) {
         self.restore();
     }
@@ -162,12 +254,13 @@ impl TerminationGuard {
             // SAFETY: as in `arm`.
             unsafe {
                 let mut current: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
-                    && current.sa_sigaction == on_termination as *const () as usize
-                {
+                if libc::sigaction(sig, std::ptr::null(), &mut current) == 0 && is_ours(&current) {
                     libc::sigaction(sig, &old, std::ptr::null_mut());
                 }
             }
+            // After the disposition: a signal arriving in between still finds our handler on
+            // top, and is sent again.
+            ARMED.fetch_and(!bit(sig), Ordering::AcqRel);
         }
     }
 }

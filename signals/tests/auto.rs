@@ -157,7 +157,7 @@ fn start_with_rule(dir: &std::path::Path) -> Service {
 }
 
 #[test]
-fn a_wrong_rule_is_a_clear_install_error_quoting_it() {
+fn a_wrong_rule_in_strict_mode_is_a_clear_install_error_quoting_it() {
     let cases = [
         ("ONSITE_AUTO", "mem>80%for3m; cpu>90%for1mm", "rule 2 \"cpu>90%for1mm\""),
         ("ONSITE_AUTO", "disk>90%", "unknown metric \"disk\""),
@@ -169,6 +169,7 @@ fn a_wrong_rule_is_a_clear_install_error_quoting_it() {
         let out = ChildTest::new("child_spiking_service")
             .env("ONSITE_DIR", dir.path())
             .env("ONSITE_AUTO", "threads>500")
+            .env("ONSITE_STRICT", "1")
             .env(var, value)
             .output(DEADLINE);
         let stderr = &out.stderr;

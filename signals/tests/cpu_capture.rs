@@ -185,10 +185,11 @@ fn an_unwritable_dump_dir_is_logged_and_the_service_keeps_running() {
 }
 
 #[test]
-fn a_wrong_env_value_is_a_clear_install_error() {
+fn a_wrong_env_value_in_strict_mode_is_a_clear_install_error() {
     let dir = tempdir();
     let out = ChildTest::new("child_busy_service")
         .env("ONSITE_DIR", dir.path())
+        .env("ONSITE_STRICT", "1")
         .env("ONSITE_MAX_DURATION", "10 minutes")
         .output(DEADLINE);
     assert_eq!(out.status.code(), Some(3), "install failed and the child exited with its own code");

@@ -46,37 +46,57 @@ impl Default for Settings {
 const BUILDER_SETTING: &str = "Builder::auto";
 
 impl Settings {
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(text) = env::var(crate::vars::AUTO)? {
-            if text.trim().is_empty() {
-                return Err(ConfigError::new(
-                    crate::vars::AUTO,
-                    text,
-                    "is empty; write rules such as `mem>80%for3m`, or `off`",
-                ));
-            }
-            self.text = Some((crate::vars::AUTO, text));
+    pub(crate) fn apply_env(&mut self, env: &mut env::Reader) {
+        match env::var(crate::vars::AUTO) {
+            Ok(None) => {}
+            Ok(Some(text)) if !text.trim().is_empty() => self.text = Some((crate::vars::AUTO, text)),
+            Ok(Some(text)) => env.reject(
+                ConfigError::new(crate::vars::AUTO, text, "is empty; write rules such as `mem>80%for3m`, or `off`"),
+                self.text_shown(),
+            ),
+            Err(e) => env.reject(e, self.text_shown()),
         }
-        if let Some(interval) = env::parsed(crate::vars::AUTO_INTERVAL, env::parse_duration)? {
-            self.interval = interval;
-        }
+        env.set(crate::vars::AUTO_INTERVAL, &mut self.interval, |text| {
+            env::parse_duration(text).and_then(|interval| match interval < MIN_INTERVAL {
+                true => Err(format!("must be at least {MIN_INTERVAL:?}")),
+                false => Ok(interval),
+            })
+        });
         if self.interval < MIN_INTERVAL {
-            return Err(ConfigError::new(
-                crate::vars::AUTO_INTERVAL,
-                format!("{:?}", self.interval),
-                format!("must be at least {MIN_INTERVAL:?}"),
-            ));
+            env.reject(
+                ConfigError::new(
+                    "Builder::auto_interval",
+                    format!("{:?}", self.interval),
+                    format!("must be at least {MIN_INTERVAL:?}"),
+                ),
+                format!("{DEFAULT_INTERVAL:?}"),
+            );
+            self.interval = DEFAULT_INTERVAL;
         }
-        Ok(())
+    }
+
+    fn text_shown(&self) -> String {
+        match &self.text {
+            Some((setting, text)) => format!("{text:?} ({setting})"),
+            None => "no rules".to_owned(),
+        }
     }
 
     pub(crate) fn interval(&self) -> Duration {
         self.interval
     }
 
-    /// The rules, checked against the kinds this build can capture. Empty when none are set
-    /// or the text is `off`.
-    pub(crate) fn rules(&self, compiled: &[ProfileKind]) -> Result<Vec<Rule>, ConfigError> {
+    /// The rules, checked against the kinds this build can capture. Empty when none are set,
+    /// the text is `off`, or they cannot be used: then all are rejected (reported through
+    /// `env`), and no automatic capture runs rather than some of them (manual captures work).
+    pub(crate) fn rules(&self, compiled: &[ProfileKind], env: &mut env::Reader) -> Vec<Rule> {
+        self.checked_rules(compiled).unwrap_or_else(|error| {
+            env.reject(error, "no automatic rules");
+            Vec::new()
+        })
+    }
+
+    fn checked_rules(&self, compiled: &[ProfileKind]) -> Result<Vec<Rule>, ConfigError> {
         let Some((setting, text)) = &self.text else { return Ok(Vec::new()) };
         if matches!(text.trim().to_ascii_lowercase().as_str(), "off" | "none") {
             return Ok(Vec::new());
@@ -102,7 +122,8 @@ impl Settings {
 impl crate::Builder {
     /// Automatic capture rules, e.g. `"mem>80%for3m; cpu>90%for1m kinds=cpu"` (grammar in the
     /// crate README). Calling it again adds rules. `ONSITE_AUTO` replaces them (`off` turns
-    /// them off). A wrong rule makes [`crate::Builder::install`] fail with an error quoting it.
+    /// them off). A wrong rule is logged, quoted, and turns automatic captures off (with
+    /// [`crate::Builder::strict`], it makes [`crate::Builder::install`] fail).
     pub fn auto(mut self, rules: impl AsRef<str>) -> Self {
         let rules = rules.as_ref();
         self.auto.text = Some(match self.auto.text.take() {

@@ -1,6 +1,6 @@
 //! The cpu backend's settings: `ONSITE_CPU_HZ` and `ONSITE_CPU_FLAMEGRAPH`.
 
-use onsite_core::{ConfigError, Profiler};
+use onsite_core::Profiler;
 
 use crate::env;
 
@@ -22,14 +22,9 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(hz) = env::parsed(HZ_VAR, env::parse_in_range(1..=1000))? {
-            self.frequency_hz = hz;
-        }
-        if let Some(on) = env::parsed(FLAMEGRAPH_VAR, env::parse_bool)? {
-            self.flamegraph = on;
-        }
-        Ok(())
+    pub(crate) fn apply_env(&mut self, env: &mut env::Reader) {
+        env.set(HZ_VAR, &mut self.frequency_hz, env::parse_in_range(1..=1000));
+        env.set(FLAMEGRAPH_VAR, &mut self.flamegraph, env::parse_bool);
     }
 
     pub(crate) fn profilers(&self) -> Vec<Box<dyn Profiler>> {

@@ -3,7 +3,7 @@
 //! `ONSITE_MEMORY_MODE` = `sampled` (default) or `dhat`; `ONSITE_MEMORY_SAMPLE_BYTES` = the
 //! sampled mode's mean interval in bytes (default 524288, Go's `MemProfileRate`).
 
-use onsite_core::{ConfigError, Profiler};
+use onsite_core::Profiler;
 use onsite_memory::{DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler};
 
 use crate::env;
@@ -21,16 +21,9 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(mode) =
-            env::parsed("ONSITE_MEMORY_MODE", |text| text.parse::<MemoryMode>().map_err(|e| e.to_string()))?
-        {
-            self.mode = mode;
-        }
-        if let Some(bytes) = env::parsed("ONSITE_MEMORY_SAMPLE_BYTES", env::parse_in_range(1..=1u64 << 30))? {
-            self.sample_bytes = bytes;
-        }
-        Ok(())
+    pub(crate) fn apply_env(&mut self, env: &mut env::Reader) {
+        env.set("ONSITE_MEMORY_MODE", &mut self.mode, |text| text.parse::<MemoryMode>().map_err(|e| e.to_string()));
+        env.set("ONSITE_MEMORY_SAMPLE_BYTES", &mut self.sample_bytes, env::parse_in_range(1..=1u64 << 30));
     }
 
     pub(crate) fn profilers(&self) -> Vec<Box<dyn Profiler>> {

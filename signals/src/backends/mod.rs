@@ -2,7 +2,7 @@
 //! builder methods and `ONSITE_*` variables) and the profilers it adds to a capture. Adding a
 //! backend means adding a file here and a field below; nothing else in the crate changes.
 
-use onsite_core::{ConfigError, ProfileKind, Profiler};
+use onsite_core::{ProfileKind, Profiler};
 
 #[cfg(feature = "cpu")]
 pub(crate) mod cpu;
@@ -32,18 +32,18 @@ pub(crate) struct Settings {
 
 impl Settings {
     /// Applies each backend's `ONSITE_*` variables over what the builder set.
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
+    #[cfg_attr(not(feature = "cpu"), allow(unused_variables))] // a build may have no backend at all
+    pub(crate) fn apply_env(&mut self, env: &mut crate::env::Reader) {
         #[cfg(feature = "cpu")]
-        self.cpu.apply_env()?;
+        self.cpu.apply_env(env);
         #[cfg(feature = "memory")]
-        self.memory.apply_env()?;
+        self.memory.apply_env(env);
         #[cfg(any(feature = "mutex", feature = "block"))]
-        self.sync.apply_env()?;
+        self.sync.apply_env(env);
         #[cfg(feature = "trace")]
-        self.trace.apply_env()?;
+        self.trace.apply_env(env);
         #[cfg(feature = "threads")]
-        self.threads.apply_env()?;
-        Ok(())
+        self.threads.apply_env(env);
     }
 
     /// The profilers of every compiled-in backend, in the order a capture starts them:

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use onsite_core::{ConfigError, Profiler};
+use onsite_core::Profiler;
 
 use crate::env;
 
@@ -34,14 +34,9 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(fraction) = env::parsed(FRACTION_ENV, env::parse_in_range(1..=1_000_000u32))? {
-            self.mutex_fraction = fraction;
-        }
-        if let Some(rate) = env::parsed(RATE_ENV, parse_rate)? {
-            self.block_rate = rate;
-        }
-        Ok(())
+    pub(crate) fn apply_env(&mut self, env: &mut env::Reader) {
+        env.set(FRACTION_ENV, &mut self.mutex_fraction, env::parse_in_range(1..=1_000_000u32));
+        env.set(RATE_ENV, &mut self.block_rate, parse_rate);
     }
 
     pub(crate) fn profilers(&self) -> Vec<Box<dyn Profiler>> {

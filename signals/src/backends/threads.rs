@@ -22,49 +22,49 @@ pub(crate) struct Settings {
     dump_deadline: Duration,
     /// `None`: [`onsite_threads::default_dump_signal`].
     dump_signal: Option<i32>,
+    /// `false` when `ONSITE_THREADS_DUMP_SIGNAL` was wrong: the operator moved the signal off
+    /// the default, so the default may be the service's; the dump is turned off instead.
+    dump_signal_usable: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { dump_deadline: DEFAULT_DUMP_DEADLINE, dump_signal: None }
+        Settings { dump_deadline: DEFAULT_DUMP_DEADLINE, dump_signal: None, dump_signal_usable: true }
     }
 }
 
-/// `SIGRTMIN+N`, `SIGRTMAX-N` or a number, within the real-time range.
+/// A real-time signal as [`env::parse_signal`] reads it (`SIGRTMIN+N`, `SIGRTMAX-N`, a number).
 fn parse_realtime_signal(text: &str) -> Result<i32, String> {
     let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
-    let upper = text.to_ascii_uppercase();
-    let number = if let Some(rest) = upper.strip_prefix("SIGRTMIN") {
-        min + if rest.is_empty() {
-            0
-        } else {
-            rest.strip_prefix('+').and_then(|n| n.parse().ok()).ok_or("expected SIGRTMIN+N")?
-        }
-    } else if let Some(rest) = upper.strip_prefix("SIGRTMAX") {
-        max - if rest.is_empty() {
-            0
-        } else {
-            rest.strip_prefix('-').and_then(|n| n.parse().ok()).ok_or("expected SIGRTMAX-N")?
-        }
-    } else {
-        upper.parse().map_err(|_| "expected a real-time signal such as SIGRTMIN+4 or its number")?
-    };
-    if (min..=max).contains(&number) {
-        Ok(number)
-    } else {
-        Err(format!("must be a real-time signal, {min} (SIGRTMIN) to {max} (SIGRTMAX)"))
+    match env::parse_signal(text) {
+        Ok(number) if (min..=max).contains(&number) => Ok(number),
+        _ => Err(format!("must be a real-time signal, SIGRTMIN+N: {min} (SIGRTMIN) to {max} (SIGRTMAX)")),
     }
 }
 
 impl Settings {
-    pub(crate) fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(deadline) = env::parsed(DUMP_DEADLINE_VAR, env::parse_duration)? {
-            self.dump_deadline = deadline;
+    pub(crate) fn apply_env(&mut self, env: &mut env::Reader) {
+        env.set(DUMP_DEADLINE_VAR, &mut self.dump_deadline, env::parse_duration);
+        match env::parsed(DUMP_SIGNAL_VAR, parse_realtime_signal) {
+            Ok(Some(signal)) => self.dump_signal = Some(signal),
+            Ok(None) => {}
+            Err(e) => {
+                env.reject(e, "no thread dump (it cannot ask threads for their stacks)");
+                self.dump_signal_usable = false;
+            }
         }
-        if let Some(signal) = env::parsed(DUMP_SIGNAL_VAR, parse_realtime_signal)? {
-            self.dump_signal = Some(signal);
+        if let Some(signal) = self.dump_signal.filter(|s| !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(s)) {
+            env.reject(
+                ConfigError::new("Builder::threads_dump_signal", signal.to_string(), "must be a real-time signal"),
+                "no thread dump (it cannot ask threads for their stacks)",
+            );
+            self.dump_signal_usable = false;
         }
-        Ok(())
+    }
+
+    /// The signal the dump sends each thread; `None` if the thread dump cannot run.
+    pub(crate) fn internal_signal(&self) -> Option<i32> {
+        self.dump_signal_usable.then(|| self.dump_signal.unwrap_or_else(onsite_threads::default_dump_signal))
     }
 
     /// The threadcreate profiler. Asking for the hook's status here also keeps `onsite-threads`
@@ -95,9 +95,10 @@ impl crate::Builder {
         self
     }
 
-    /// The real-time signal the threads dump borrows (default `SIGRTMIN+4`); pick another if the
-    /// service uses that one. A signal outside `SIGRTMIN..=SIGRTMAX` makes the dump fail with an
-    /// error saying so.
+    /// The real-time signal the threads dump borrows to ask each thread for its stack (default
+    /// `SIGRTMIN+4`); pick another if the service uses that one. A signal outside
+    /// `SIGRTMIN..=SIGRTMAX`, or one that is also the toggle or the dump signal, is reported at
+    /// install and turns the thread dump off.
     pub fn threads_dump_signal(mut self, signal: i32) -> Self {
         self.backends.threads.dump_signal = Some(signal);
         self
@@ -117,6 +118,7 @@ mod tests {
         assert_eq!(parse_realtime_signal(&(min + 2).to_string()), Ok(min + 2));
         assert!(parse_realtime_signal("10").unwrap_err().contains("real-time"));
         assert!(parse_realtime_signal("SIGUSR1").is_err());
+        assert!(parse_realtime_signal("SIGTERM").is_err());
         assert!(parse_realtime_signal("SIGRTMIN+x").is_err());
     }
 }
