@@ -16,8 +16,8 @@
 //!   Poisson process starts (whatever mean the previous capture used). The cells are
 //!   const-initialised and have no destructor: no lazy registration, usable from the
 //!   allocator at any point of a thread's life.
-//! - **Stacks**: only sampled allocations walk the stack (`stack_walk`: framehop's caching
-//!   unwinder on x86_64 Linux, libgcc's through `backtrace` as the fallback; raw return
+//! - **Stacks**: only sampled allocations walk the stack (`stack_walk`: onsite-core's
+//!   lock-free caching walker, libgcc's through `backtrace` as the fallback; raw return
 //!   addresses into a buffer on the stack); they are symbolised when the file is written. A
 //!   per-thread `busy` flag keeps anything the walk allocates from being sampled (no recursion
 //!   into the sampler).
