@@ -64,6 +64,14 @@ fn the_threads_dump_shows_every_thread_in_its_function() {
     let masked = section("masked");
     assert!(masked.contains("did not answer") && masked.contains("blocks SIGRTMIN+4"), "{masked}");
     assert!(text.contains("main thread"), "{text}");
+    // The main thread (its bounds from the `[stack]` mapping) is walked to the test harness.
+    let main = &text[text.find(", main thread").unwrap()..];
+    assert!(main[..main.find("\nthread ").unwrap_or(main.len())].contains("threads::main"), "{main}");
+    // A thread interrupted in code no object holds (generated at run time): the handler's
+    // walker says it cannot walk it, and nothing else walks it there.
+    let jitted = section("jitted");
+    assert!(jitted.contains("[stack not walked: a frame is in code loaded after"), "{jitted}");
+    assert!(!jitted.contains("#0"), "{jitted}");
 }
 
 #[inline(never)]
@@ -105,6 +113,33 @@ fn spin_until_told(stop: &AtomicBool, ready: mpsc::Sender<()>) {
     ready.send(()).unwrap();
     while !stop.load(Ordering::Relaxed) {
         std::hint::spin_loop();
+    }
+}
+
+/// Runs generated machine code (`loop: cmp byte [rdi], 0; je loop; ret`) in an anonymous
+/// executable mapping until `stop` is set: a thread interrupted there is in no loaded object.
+#[cfg(target_arch = "x86_64")]
+fn spin_in_generated_code(stop: &AtomicBool, ready: mpsc::Sender<()>) {
+    const CODE: [u8; 6] = [0x80, 0x3f, 0x00, 0x74, 0xfb, 0xc3];
+    // SAFETY: a fresh private mapping, written, then made executable (and no longer writable);
+    // the code only reads the flag byte it is given and returns once it is set. The mapping is
+    // removed after the code returned.
+    unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(page, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(CODE.as_ptr(), page.cast::<u8>(), CODE.len());
+        assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC), 0);
+        let spin = std::mem::transmute::<*mut libc::c_void, extern "C" fn(*const AtomicBool)>(page);
+        ready.send(()).unwrap();
+        spin(stop);
+        libc::munmap(page, 4096);
     }
 }
 
@@ -156,8 +191,10 @@ fn child() {
             named("sleeper").spawn(move || sleep_a_lot(r)).unwrap();
             let (stop2, r) = (Arc::clone(&stop), ready.clone());
             let spinner = named("spinner").spawn(move || spin_until_told(&stop2, r)).unwrap();
+            let (stop2, r) = (Arc::clone(&stop), ready.clone());
+            let jitted = named("jitted").spawn(move || spin_in_generated_code(&stop2, r)).unwrap();
             named("masked").spawn(move || sleep_with_signals_blocked(ready)).unwrap();
-            for _ in 0..4 {
+            for _ in 0..5 {
                 is_ready.recv().unwrap();
             }
             // A capture running at the same time does not get in the way.
@@ -169,6 +206,7 @@ fn child() {
             drop(held);
             blocked.join().unwrap();
             spinner.join().unwrap();
+            jitted.join().unwrap();
             // The handler is gone again: the signal's default action is back.
             // SAFETY: reads the current action only.
             let action = unsafe {
