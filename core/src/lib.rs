@@ -22,8 +22,8 @@ mod naming;
 pub mod own_work;
 pub mod pprof;
 mod profiler;
-pub mod stack_walk;
 mod stack_table;
+pub mod stack_walk;
 /// For onsite's own tests (and services' tests if they like), not for production code.
 #[cfg(feature = "test-support")]
 pub mod test_support;

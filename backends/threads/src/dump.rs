@@ -149,9 +149,10 @@ fn retire_walker(walker: *mut Walker) {
         drop(unsafe { Box::from_raw(walker) });
         return;
     }
-    if !LINGERING.iter().any(|slot| {
-        slot.compare_exchange(std::ptr::null_mut(), walker, Ordering::AcqRel, Ordering::Relaxed).is_ok()
-    }) {
+    if !LINGERING
+        .iter()
+        .any(|slot| slot.compare_exchange(std::ptr::null_mut(), walker, Ordering::AcqRel, Ordering::Relaxed).is_ok())
+    {
         tracing::warn!("onsite: threads dump walkers kept for late signal handlers: leaking one");
     }
 }
@@ -391,8 +392,7 @@ fn ask(tids: &[i32], signal: c_int, deadline: Instant) -> Vec<Answer> {
                 BUSY if Instant::now() < deadline => {
                     slot.state.store(REQUESTED, Ordering::Release);
                     // SAFETY: as above.
-                    if unsafe { libc::syscall(libc::SYS_tgkill, pid, slot.tid.load(Ordering::Relaxed), signal) } != 0
-                    {
+                    if unsafe { libc::syscall(libc::SYS_tgkill, pid, slot.tid.load(Ordering::Relaxed), signal) } != 0 {
                         slot.state.store(FREE, Ordering::Release);
                         slot.tid.store(0, Ordering::Release);
                         *index = None;

@@ -46,6 +46,61 @@ fn threadcreate_counts_threads_by_the_function_that_created_them() {
     assert!(leaf.iter().all(|r| r.flat == 0 || !r.function.starts_with("onsite_threads")), "{leaf:?}");
 }
 
+/// Distinct creating stacks the first capture sees: more than the hook's table holds (1024).
+const FIRST_STACKS: u32 = 1050;
+/// Distinct creating stacks the second capture sees, none of them the first's.
+const SECOND_STACKS: u32 = 50;
+
+#[test]
+fn each_capture_has_room_for_its_creating_stacks_after_1100_distinct_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("refill", dir.path());
+    let read = |capture: &str| {
+        let file = the_dump_file(&dir.path().join(capture), ProfileKind::ThreadCreate, "pprof");
+        decode(&std::fs::read(&file).unwrap()).unwrap()
+    };
+    let first = read("first");
+    // The first capture really filled the table: some of its stacks found no room.
+    let unrecorded = "[onsite: creating stack not recorded, table full]";
+    assert!(cum(&first, "threadcreate", unrecorded) > 0, "the table was not filled");
+    let second = read("second");
+    assert_eq!(cum(&second, "threadcreate", "::spawn_from_bits"), SECOND_STACKS as i64);
+    assert_eq!(cum(&second, "threadcreate", unrecorded), 0);
+    // A thread created in the first capture and alive through the second keeps its stack.
+    assert_eq!(cum(&second, "alive", "::spawn_long_lived"), 1);
+    assert_eq!(cum(&second, "threadcreate", "::spawn_long_lived"), 0);
+}
+
+/// Spawns (and joins) one thread from a stack of its own for each `code`: the creating stack
+/// goes through `zero` or `one` at each of 11 levels, by the bits of `code`.
+#[inline(never)]
+fn spawn_from_bits(code: u32, bit: u32) {
+    #[inline(never)]
+    fn zero(code: u32, bit: u32) {
+        spawn_from_bits(code, bit);
+        std::hint::black_box(());
+    }
+    #[inline(never)]
+    fn one(code: u32, bit: u32) {
+        spawn_from_bits(code, bit);
+        std::hint::black_box(());
+    }
+    if bit == 11 {
+        std::thread::spawn(|| {}).join().unwrap();
+    } else if code >> bit & 1 == 0 {
+        zero(code, bit + 1);
+    } else {
+        one(code, bit + 1);
+    }
+    std::hint::black_box(());
+}
+
+#[inline(never)]
+fn spawn_long_lived(release: &Arc<Mutex<()>>) -> std::thread::JoinHandle<()> {
+    let release = Arc::clone(release);
+    std::thread::spawn(move || drop(release.lock()))
+}
+
 #[test]
 fn the_threads_dump_shows_every_thread_in_its_function() {
     let dir = tempfile::tempdir().unwrap();
@@ -177,6 +232,22 @@ fn child() {
             stopper.stop(&output(&dir)).unwrap();
             drop(held);
             alpha.into_iter().chain([early]).for_each(|h| h.join().unwrap());
+        }
+        "refill" => {
+            let release = Arc::new(Mutex::new(()));
+            let held = release.lock().unwrap();
+            let mut profiler = onsite_threads::ThreadCreateProfiler::new();
+            for (capture, codes) in [("first", 0..FIRST_STACKS), ("second", FIRST_STACKS..FIRST_STACKS + SECOND_STACKS)]
+            {
+                let out = dir.join(capture);
+                std::fs::create_dir(&out).unwrap();
+                let stopper = profiler.start().unwrap();
+                let long_lived = (capture == "first").then(|| spawn_long_lived(&release));
+                codes.for_each(|code| spawn_from_bits(code, 0));
+                stopper.stop(&output(&out)).unwrap();
+                std::mem::forget(long_lived); // joined at the process's end
+            }
+            drop(held);
         }
         "dump" => {
             let lock = Arc::new(Mutex::new(()));

@@ -332,9 +332,9 @@ impl Walker {
     fn claim_slot(&self, preferred: usize) -> Option<&CacheSlot> {
         // Threads that prefer different slots mostly find their own cache, warm with their
         // own stacks.
-        (0..self.slots.len()).map(|i| &self.slots[(preferred + i) % self.slots.len()]).find(|slot| {
-            slot.claimed.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
-        })
+        (0..self.slots.len())
+            .map(|i| &self.slots[(preferred + i) % self.slots.len()])
+            .find(|slot| slot.claimed.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
     }
 
     /// framehop's `UnwindIterator`, with a cache chosen per frame (see `WAYS`), from the frame
@@ -474,9 +474,10 @@ impl LoadedObject {
     /// at `address`.
     fn is_at(&self, address: u64) -> bool {
         address != 0
-            && self.headers.iter().any(|h| {
-                h.p_type == libc::PT_LOAD && h.p_offset == 0 && self.bias.wrapping_add(h.p_vaddr) == address
-            })
+            && self
+                .headers
+                .iter()
+                .any(|h| h.p_type == libc::PT_LOAD && h.p_offset == 0 && self.bias.wrapping_add(h.p_vaddr) == address)
     }
 
     /// The object's code range (run-time addresses) and its framehop module, if it has
