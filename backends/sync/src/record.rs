@@ -79,6 +79,7 @@ impl Recorder {
 
     /// Starts a capture with `setting`; `false` when one of this kind already runs.
     pub(crate) fn start(&self, setting: u64) -> bool {
+        register_fork_child_handler();
         let mut records = self.records.lock();
         if records.is_some() {
             return false;
@@ -112,6 +113,26 @@ impl Recorder {
             records.dropped += 1;
         }
     }
+}
+
+/// A service that forks while a lock profile is captured: in the child only the forking thread
+/// exists, and a lock of onsite's that another thread held at the fork (a recorder's records, a
+/// waiter shard) stays held there. The child handler (from `pthread_atfork`, registered at the
+/// first capture) switches recording off, so the child's locks never reach those: their slow
+/// paths read [`active`] first. Only an atomic store: async-signal-safe, as the child of a
+/// multi-threaded fork requires.
+fn register_fork_child_handler() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    extern "C" fn in_child() {
+        ACTIVE.0.store(0, Relaxed);
+    }
+    REGISTERED.call_once(|| {
+        // SAFETY: the handler only stores an atomic; it is a static function.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+        if rc != 0 {
+            tracing::warn!(rc, "onsite: pthread_atfork failed: a forked child may inherit a lock profile");
+        }
+    });
 }
 
 /// Nanoseconds on a monotonic clock private to this crate.
