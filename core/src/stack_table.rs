@@ -70,7 +70,7 @@ impl<const SLOTS: usize, const DEPTH: usize> StackTable<SLOTS, DEPTH> {
 
     /// The index of `ips` (leaf first, cut at `DEPTH` frames), adding it if it is new; `None`
     /// when no entry within the probe limit is free. No allocation, no lock; it waits only
-    /// briefly for another thread filling the same entry (see [`WRITER_SPINS`]).
+    /// briefly for another thread filling the same entry (`WRITER_SPINS` spins).
     pub fn intern(&self, ips: &[usize]) -> Option<usize> {
         let ips = &ips[..ips.len().min(DEPTH)];
         let hash = fnv1a(ips);
