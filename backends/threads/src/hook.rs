@@ -82,15 +82,21 @@ thread_local! {
     /// passed straight through rather than recursing.
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
     /// This thread's entry in [`LIVE_TABLE`], cleared when the thread exits.
-    static LIVE_ENTRY: LiveEntry = const { LiveEntry(Cell::new(usize::MAX)) };
+    static LIVE_ENTRY: LiveEntry = const { LiveEntry { index: Cell::new(usize::MAX), packed: Cell::new(0) } };
 }
 
-struct LiveEntry(Cell<usize>);
+/// Where this thread is in [`LIVE_TABLE`], and what it wrote there.
+struct LiveEntry {
+    index: Cell<usize>,
+    packed: Cell<u64>,
+}
 
 impl Drop for LiveEntry {
     fn drop(&mut self) {
-        if let Some(entry) = LIVE_TABLE.get(self.0.get()) {
-            entry.store(0, Ordering::Release);
+        if let Some(entry) = LIVE_TABLE.get(self.index.get()) {
+            // Only if it is still this thread's (a forked child clears the table it inherits,
+            // and the slot may hold another thread since).
+            let _ = entry.compare_exchange(self.packed.get(), 0, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 }
@@ -195,7 +201,10 @@ fn register_live(stack: u32) {
         let index = (first + probe) % LIVE;
         if LIVE_TABLE[index].compare_exchange(0, packed, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             // Registers the exit-time destructor that frees the entry.
-            let _ = LIVE_ENTRY.try_with(|e| e.0.set(index));
+            let _ = LIVE_ENTRY.try_with(|e| {
+                e.index.set(index);
+                e.packed.set(packed);
+            });
             return;
         }
     }
@@ -246,8 +255,8 @@ pub(crate) fn forget_in_fork_child() {
     for entry in &LIVE_TABLE {
         entry.store(0, Ordering::Relaxed);
     }
-    // This thread's entry went with the others: its exit must not clear a reused one.
-    let _ = LIVE_ENTRY.try_with(|e| e.0.set(usize::MAX));
+    // This thread's entry went with the others; its exit clears its entry only if the entry
+    // still holds what it wrote there, so a slot reused meanwhile is left alone.
 }
 
 /// How many threads each stack created so far, by stack index.

@@ -101,6 +101,41 @@ fn spawn_long_lived(release: &Arc<Mutex<()>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || drop(release.lock()))
 }
 
+/// Each forked child symbolises its own profile (~0.5 s in a debug build), so a few suffice: a
+/// fork lands inside a creation about every other time.
+const FORKS: usize = 10;
+
+#[test]
+fn a_child_forked_while_threads_are_created_captures_its_own_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("fork", dir.path());
+    for round in 0..FORKS {
+        let file = the_dump_file(&dir.path().join(format!("forked-{round}")), ProfileKind::ThreadCreate, "pprof");
+        let profile = decode(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(cum(&profile, "threadcreate", "::spawn_in_forked_child"), 2, "child {round}");
+    }
+}
+
+#[inline(never)]
+fn spawn_in_forked_child() {
+    for _ in 0..2 {
+        std::thread::spawn(|| {}).join().unwrap();
+    }
+}
+
+/// In a forked child: a threadcreate capture of its own threads (its compaction must not wait
+/// for creations that were in progress in the parent's threads at the fork). Never returns.
+fn capture_in_forked_child(dir: &Path) -> ! {
+    let ok = std::panic::catch_unwind(|| {
+        let stopper = onsite_threads::ThreadCreateProfiler::new().start().unwrap();
+        spawn_in_forked_child();
+        stopper.stop(&output(dir)).unwrap();
+    })
+    .is_ok();
+    // SAFETY: ends the forked child at once.
+    unsafe { libc::_exit(if ok { 0 } else { 3 }) }
+}
+
 #[test]
 fn the_threads_dump_shows_every_thread_in_its_function() {
     let dir = tempfile::tempdir().unwrap();
@@ -248,6 +283,44 @@ fn child() {
                 std::mem::forget(long_lived); // joined at the process's end
             }
             drop(held);
+        }
+        "fork" => {
+            // Two threads create threads all the time, so forks land inside the hook.
+            let stop = Arc::new(AtomicBool::new(false));
+            let creators: Vec<_> = (0..2)
+                .map(|_| {
+                    let stop = Arc::clone(&stop);
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            std::thread::spawn(|| {}).join().unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for round in 0..FORKS {
+                let forked_dir = dir.join(format!("forked-{round}"));
+                std::fs::create_dir(&forked_dir).unwrap();
+                // SAFETY: the child captures, then `_exit`s.
+                let pid = unsafe { libc::fork() };
+                assert!(pid >= 0);
+                if pid == 0 {
+                    capture_in_forked_child(&forked_dir);
+                }
+                let started = std::time::Instant::now();
+                let mut status = 0;
+                // SAFETY: waits for (and on a timeout kills) our own child.
+                while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        stop.store(true, Ordering::Relaxed);
+                        panic!("forked child {round} did not finish its capture (deadlocked)");
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child {round}: {status:#x}");
+            }
+            stop.store(true, Ordering::Relaxed);
+            creators.into_iter().for_each(|h| h.join().unwrap());
         }
         "dump" => {
             let lock = Arc::new(Mutex::new(()));
