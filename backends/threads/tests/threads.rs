@@ -102,7 +102,7 @@ fn spawn_long_lived(release: &Arc<Mutex<()>>) -> std::thread::JoinHandle<()> {
 }
 
 /// Each forked child symbolises its own profile (~0.5 s in a debug build), so a few suffice: a
-/// fork lands inside a creation about every other time.
+/// fork often lands inside a creation of the two creating threads.
 const FORKS: usize = 10;
 
 #[test]

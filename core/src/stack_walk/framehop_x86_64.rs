@@ -301,11 +301,13 @@ impl Walker {
             }
             None => {
                 let refused = std::cell::Cell::new(false);
+                // SAFETY: `getpid` cannot fail (and is async-signal-safe).
+                let pid = unsafe { libc::getpid() };
                 let mut read = |address: u64| {
                     if address < sp {
                         return Err(());
                     }
-                    checked_read_word(address).map_err(|errno| {
+                    checked_read_word(pid, address).map_err(|errno| {
                         refused.set(errno != libc::EFAULT);
                     })
                 };
@@ -407,13 +409,13 @@ unsafe fn read_word(address: u64) -> u64 {
 /// async-signal-safe): an unmapped address is an error (`EFAULT`), not a fault. `Err(errno)`.
 /// The process may always read itself this way (the kernel's access check passes for the same
 /// thread group), unless a seccomp filter refuses the call.
-fn checked_read_word(address: u64) -> Result<u64, i32> {
+fn checked_read_word(pid: libc::pid_t, address: u64) -> Result<u64, i32> {
     let mut word = 0u64;
     let local = libc::iovec { iov_base: (&mut word as *mut u64).cast(), iov_len: 8 };
     let remote = libc::iovec { iov_base: address as *mut c_void, iov_len: 8 };
     // SAFETY: `local` is this frame's 8 bytes; `remote` is only read by the kernel, which
-    // checks it. `getpid` cannot fail.
-    let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    // checks it.
+    let read = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
     if read == 8 {
         Ok(word)
     } else if read < 0 {
@@ -669,8 +671,10 @@ mod tests {
     #[test]
     fn process_vm_readv_reads_this_process_and_refuses_unmapped_addresses() {
         let word = std::hint::black_box(0x1234_5678_9abc_def0u64);
-        assert_eq!(checked_read_word(&word as *const u64 as u64), Ok(0x1234_5678_9abc_def0));
-        assert_eq!(checked_read_word(8), Err(libc::EFAULT));
+        // SAFETY: no preconditions.
+        let pid = unsafe { libc::getpid() };
+        assert_eq!(checked_read_word(pid, &word as *const u64 as u64), Ok(0x1234_5678_9abc_def0));
+        assert_eq!(checked_read_word(pid, 8), Err(libc::EFAULT));
     }
 
     // The handler walk: a real signal, its ucontext_t, the walker published for the handler.
