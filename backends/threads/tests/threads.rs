@@ -308,9 +308,10 @@ fn child() {
                 }
                 let started = std::time::Instant::now();
                 let mut status = 0;
-                // SAFETY: waits for (and on a timeout kills) our own child.
+                // SAFETY: waits for our own child without blocking.
                 while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
                     if started.elapsed() > Duration::from_secs(10) {
+                        // SAFETY: kills our own child.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                         stop.store(true, Ordering::Relaxed);
                         panic!("forked child {round} did not finish its capture (deadlocked)");
