@@ -7,6 +7,8 @@
 //! - [`pprof`]: the one builder from stacks to gzip'd `profile.proto`, and a reader for it;
 //! - [`StackTable`]: the one fixed, lock-free table of distinct stacks that backends recording
 //!   from an allocator or a hook index their counters by;
+//! - [`stack_walk`]: the one stack walker that takes no lock and allocates nothing, for the
+//!   allocator and for signal handlers;
 //! - [`own_work`]: which threads and scopes are onsite's own work, so no profile charges them
 //!   to the service;
 //! - `test_support` (feature `test-support`, for tests only): running a test's child process
@@ -21,6 +23,7 @@ pub mod own_work;
 pub mod pprof;
 mod profiler;
 mod stack_table;
+pub mod stack_walk;
 /// For onsite's own tests (and services' tests if they like), not for production code.
 #[cfg(feature = "test-support")]
 pub mod test_support;

@@ -70,7 +70,7 @@ impl<const SLOTS: usize, const DEPTH: usize> StackTable<SLOTS, DEPTH> {
 
     /// The index of `ips` (leaf first, cut at `DEPTH` frames), adding it if it is new; `None`
     /// when no entry within the probe limit is free. No allocation, no lock; it waits only
-    /// briefly (a bounded number of spins) for another thread filling the same entry.
+    /// briefly for another thread filling the same entry (`WRITER_SPINS` spins).
     pub fn intern(&self, ips: &[usize]) -> Option<usize> {
         let ips = &ips[..ips.len().min(DEPTH)];
         let hash = fnv1a(ips);
@@ -119,9 +119,18 @@ impl<const SLOTS: usize, const DEPTH: usize> StackTable<SLOTS, DEPTH> {
     /// Empties the table, calling `cleared` with the index of each entry that held a stack (so
     /// the owner resets its counters for it). Writes only those entries, so pages of the table
     /// no stack ever reached stay untouched. Only while no [`StackTable::intern`] runs.
-    pub fn clear(&self, mut cleared: impl FnMut(usize)) {
+    pub fn clear(&self, cleared: impl FnMut(usize)) {
+        self.retain(|_| false, cleared);
+    }
+
+    /// Empties the entries whose index `keep` refuses, calling `cleared` with each (as
+    /// [`StackTable::clear`]); the kept ones keep their index. A kept stack that a later lookup
+    /// no longer finds along its probe sequence (an entry before it was emptied) is added again
+    /// in another entry: one stack in two entries, which readers of a profile add up. Only
+    /// while no [`StackTable::intern`] runs.
+    pub fn retain(&self, mut keep: impl FnMut(usize) -> bool, mut cleared: impl FnMut(usize)) {
         for (index, entry) in self.entries.iter().enumerate() {
-            if entry.state.load(Ordering::Relaxed) != EMPTY {
+            if entry.state.load(Ordering::Relaxed) != EMPTY && !keep(index) {
                 entry.state.store(EMPTY, Ordering::Relaxed);
                 cleared(index);
             }
@@ -172,6 +181,21 @@ mod tests {
         assert_eq!(cleared, (0..8).collect::<Vec<_>>());
         assert!((0..8).all(|index| table.get(index).is_none()));
         assert!(table.intern(&[100, 100]).is_some());
+    }
+
+    #[test]
+    fn retain_empties_only_the_refused_entries() {
+        let table: StackTable<8, 2> = StackTable::new(8);
+        let indices: Vec<usize> = (0..8).map(|i| table.intern(&[i, i]).unwrap()).collect();
+        let mut cleared = Vec::new();
+        table.retain(|index| index == indices[2] || index == indices[5], |index| cleared.push(index));
+        assert_eq!(cleared.len(), 6);
+        assert_eq!(table.get(indices[2]), Some(vec![2, 2]));
+        assert_eq!(table.get(indices[5]), Some(vec![5, 5]));
+        assert!(table.get(indices[0]).is_none());
+        // Room again for six new stacks, beside the two kept.
+        assert!((100..106).all(|i| table.intern(&[i, i]).is_some()));
+        assert_eq!(table.intern(&[200, 200]), None);
     }
 
     #[test]

@@ -94,6 +94,12 @@ impl Profiler for MemoryProfiler {
     fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
         match crate::claim_and_probe() {
             Ok(()) => {}
+            Err(true) if crate::MODE.load(std::sync::atomic::Ordering::SeqCst) == crate::mode::FORKED => {
+                return Err(CaptureError::new(
+                    ProfileKind::Memory,
+                    "this process was forked while its parent captured memory: memory captures are off in it",
+                ));
+            }
             Err(true) => return Err(CaptureError::new(ProfileKind::Memory, "a memory capture is already running")),
             Err(false) => {
                 return Err(CaptureError::new(

@@ -34,13 +34,19 @@ pub(crate) struct DhatStopper {
     profiler: Option<dhat::Profiler>,
     started: SystemTime,
     clock: Instant,
+    fork: crate::ForkGuard,
 }
 
 /// Starts a dhat capture; the caller has claimed the mode (it is `PROBE`).
 pub(crate) fn start() -> DhatStopper {
     debug_assert!(in_flight::none());
     let profiler = dhat::Profiler::builder().trim_backtraces(Some(MAX_FRAMES)).build();
-    let stopper = DhatStopper { profiler: Some(profiler), started: SystemTime::now(), clock: Instant::now() };
+    let stopper = DhatStopper {
+        profiler: Some(profiler),
+        started: SystemTime::now(),
+        clock: Instant::now(),
+        fork: crate::ForkGuard::new(),
+    };
     MODE.store(mode::DHAT, std::sync::atomic::Ordering::SeqCst);
     stopper
 }
@@ -69,7 +75,11 @@ impl DhatStopper {
 impl Drop for DhatStopper {
     /// A capture abandoned without `stop` still gives the allocator back.
     fn drop(&mut self) {
-        if self.profiler.is_some() {
+        if self.fork.in_forked_child() {
+            // The parent's session: ending it here would take dhat's lock, which a parent's
+            // thread may have held at the fork.
+            std::mem::forget(self.profiler.take());
+        } else if self.profiler.is_some() {
             drop(self.finish());
         }
     }
@@ -77,6 +87,9 @@ impl Drop for DhatStopper {
 
 impl Stopper for DhatStopper {
     fn stop(mut self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError> {
+        if self.fork.in_forked_child() {
+            return Err(crate::sampled::forked_child_error());
+        }
         let report = self.finish();
         let duration = self.clock.elapsed();
         let kind = ProfileKind::Memory;

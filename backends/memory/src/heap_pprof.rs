@@ -22,12 +22,13 @@ pub(crate) fn builder(started: SystemTime, duration: Duration, period: i64) -> P
 /// a run of these at the leaf end of a stack is dropped, so the first frame left is the
 /// service's own function (Go's heap profile shows the caller of `new`/`make` the same way).
 pub(crate) fn is_allocator_frame(function: &str) -> bool {
-    const PREFIXES: [&str; 13] = [
+    const PREFIXES: [&str; 14] = [
         "alloc::",
         "core::",
         "std::",
         "hashbrown::",
         "onsite_memory::",
+        "onsite_core::stack_walk::",
         "dhat::",
         "backtrace::",
         "__rust",

@@ -149,6 +149,9 @@ mod mode {
     pub(crate) const DRAINING: u32 = 3;
     /// A sampled capture (with its generation in the upper bits of the word).
     pub(crate) const SAMPLED: u32 = 4;
+    /// This process is a fork's child, and the parent was capturing at the fork: `System` for
+    /// everything, for good (see `fork`).
+    pub(crate) const FORKED: u32 = 5;
 
     /// The mode part of a [`super::MODE`] word.
     #[inline(always)]
@@ -339,10 +342,61 @@ mod routed {
     }
 }
 
+/// A service that forks while a memory capture runs: the child has only the forking thread,
+/// and whatever the parent's other threads held at the fork stays held in the child for ever:
+/// dhat's global lock (a thread inside `dhat::Alloc`), a walker cache slot, counts in
+/// `in_flight`. The child must not inherit the capture either. So the child handler (from
+/// `pthread_atfork`, registered at the first capture) moves the mode to `FORKED`: every call
+/// goes to `System` from then on, which is safe because the child never enters dhat or the
+/// sampler's tables again (a block dhat recorded goes back to `System`, where dhat took it
+/// from). The child's copy of the capture's stopper does nothing if used ([`ForkGuard`]): it
+/// must neither wait for the parent's calls in progress nor write the parent's capture.
+mod fork {
+    use std::sync::Once;
+    use std::sync::atomic::Ordering;
+
+    use super::{MODE, mode};
+
+    /// Registers the child handler, once per process.
+    pub(crate) fn register_child_handler() {
+        static REGISTERED: Once = Once::new();
+        REGISTERED.call_once(|| {
+            // SAFETY: the handler only loads and stores an atomic (async-signal-safe, as the
+            // child of a multi-threaded fork requires); it is a static function.
+            let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+            if rc != 0 {
+                tracing::warn!(rc, "onsite: pthread_atfork failed: a forked child may inherit a memory capture");
+            }
+        });
+    }
+
+    extern "C" fn in_child() {
+        if MODE.load(Ordering::SeqCst) != mode::OFF {
+            MODE.store(mode::FORKED, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The process a capture started in: its stopper does nothing in a forked child (see `fork`).
+#[derive(Debug)]
+pub(crate) struct ForkGuard(u32);
+
+impl ForkGuard {
+    pub(crate) fn new() -> ForkGuard {
+        ForkGuard(std::process::id())
+    }
+
+    /// Whether this is a forked child's copy of the capture.
+    pub(crate) fn in_forked_child(&self) -> bool {
+        std::process::id() != self.0
+    }
+}
+
 /// Moves [`MODE`] from `OFF` to `PROBE`, allocates once, and reports whether that allocation
 /// came through [`Allocator`]. Leaves the mode at `PROBE` on success (the caller owns the
 /// capture from here) and at `OFF` on failure. `Err(true)` means another memory capture runs.
 fn claim_and_probe() -> Result<(), bool> {
+    fork::register_child_handler();
     if MODE.compare_exchange(mode::OFF, mode::PROBE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
         return Err(true);
     }

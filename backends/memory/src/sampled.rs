@@ -16,8 +16,8 @@
 //!   Poisson process starts (whatever mean the previous capture used). The cells are
 //!   const-initialised and have no destructor: no lazy registration, usable from the
 //!   allocator at any point of a thread's life.
-//! - **Stacks**: only sampled allocations walk the stack (`stack_walk`: framehop's caching
-//!   unwinder on x86_64 Linux, libgcc's through `backtrace` as the fallback; raw return
+//! - **Stacks**: only sampled allocations walk the stack (`stack_walk`: onsite-core's
+//!   lock-free caching walker, libgcc's through `backtrace` as the fallback; raw return
 //!   addresses into a buffer on the stack); they are symbolised when the file is written. A
 //!   per-thread `busy` flag keeps anything the walk allocates from being sampled (no recursion
 //!   into the sampler).
@@ -148,6 +148,7 @@ pub(crate) fn start(mean_bytes: u64) -> SampledStopper {
         clock: Instant::now(),
         sampling: true,
         released: false,
+        fork: crate::ForkGuard::new(),
     };
     // SeqCst: a thread that sees this word also sees the mean and the cleared tables.
     MODE.store(word_of(generation), Ordering::SeqCst);
@@ -448,6 +449,7 @@ pub(crate) struct SampledStopper {
     clock: Instant,
     sampling: bool,
     released: bool,
+    fork: crate::ForkGuard,
 }
 
 impl SampledStopper {
@@ -455,7 +457,7 @@ impl SampledStopper {
     /// and no other capture can claim the allocator (and clear the tables) while this one
     /// reads them. Then waits until no call is left inside the tables.
     fn end_sampling(&mut self) {
-        if self.sampling {
+        if self.sampling && !self.fork.in_forked_child() {
             self.sampling = false;
             MODE.store(mode::DRAINING, Ordering::SeqCst);
             in_flight::wait_until_none();
@@ -466,7 +468,7 @@ impl SampledStopper {
     /// that kept every object the stacks point into loaded while they were symbolised), and
     /// the allocator is free for the next capture.
     fn release(&mut self) {
-        if !self.released {
+        if !self.released && !self.fork.in_forked_child() {
             self.end_sampling();
             self.released = true;
             stack_walk::uninstall();
@@ -484,6 +486,9 @@ impl Drop for SampledStopper {
 
 impl Stopper for SampledStopper {
     fn stop(mut self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError> {
+        if self.fork.in_forked_child() {
+            return Err(forked_child_error());
+        }
         self.end_sampling();
         let dropped = DROPPED.load(Ordering::Relaxed);
         let mut builder = heap_pprof::builder(self.started, self.clock.elapsed(), self.mean_bytes as i64);
@@ -523,6 +528,11 @@ impl Stopper for SampledStopper {
         self.release();
         written.map(|_| ())
     }
+}
+
+/// What a forked child's copy of a capture's stopper says (it writes nothing).
+pub(crate) fn forked_child_error() -> CaptureError {
+    CaptureError::new(ProfileKind::Memory, "this process is a fork's child: the memory capture is its parent's")
 }
 
 #[cfg(test)]

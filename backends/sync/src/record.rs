@@ -79,8 +79,14 @@ impl Recorder {
 
     /// Starts a capture with `setting`; `false` when one of this kind already runs.
     pub(crate) fn start(&self, setting: u64) -> bool {
+        register_fork_child_handler();
+        // Built before the records are locked: building it takes the loader's lock, which a
+        // thread running a library's constructor holds while it may record into these records.
+        walker::acquire();
         let mut records = self.records.lock();
         if records.is_some() {
+            drop(records);
+            walker::release();
             return false;
         }
         let since = now_ns();
@@ -95,7 +101,13 @@ impl Recorder {
     pub(crate) fn stop(&self) -> Option<Records> {
         let mut records = self.records.lock();
         ACTIVE.0.fetch_and(!self.bit, Relaxed);
-        records.take()
+        let taken = records.take();
+        // As in `start`: the walker goes after the records are unlocked.
+        drop(records);
+        if taken.is_some() {
+            walker::release();
+        }
+        taken
     }
 
     /// Adds an event of the capture that started at `since` (dropped when that capture is
@@ -112,6 +124,26 @@ impl Recorder {
             records.dropped += 1;
         }
     }
+}
+
+/// A service that forks while a lock profile is captured: in the child only the forking thread
+/// exists, and a lock of onsite's that another thread held at the fork (a recorder's records, a
+/// waiter shard) stays held there. The child handler (from `pthread_atfork`, registered at the
+/// first capture) switches recording off, so the child's locks never reach those: their slow
+/// paths read [`active`] first. Only an atomic store: async-signal-safe, as the child of a
+/// multi-threaded fork requires.
+fn register_fork_child_handler() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    extern "C" fn in_child() {
+        ACTIVE.0.store(0, Relaxed);
+    }
+    REGISTERED.call_once(|| {
+        // SAFETY: the handler only stores an atomic; it is a static function.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+        if rc != 0 {
+            tracing::warn!(rc, "onsite: pthread_atfork failed: a forked child may inherit a lock profile");
+        }
+    });
 }
 
 /// Nanoseconds on a monotonic clock private to this crate.
@@ -159,9 +191,15 @@ fn random() -> u64 {
 }
 
 /// The current thread's stack as raw instruction pointers, leaf first; symbolised only when
-/// the profile is written.
+/// the profile is written. With onsite-core's lock-free walker while a capture runs (no
+/// loader lock taken inside a lock's slow path, and a tenth of libgcc's cost on repeated
+/// stacks), libgcc's unwinder for a walk it cannot finish (code loaded since the start, every
+/// cache slot claimed): an ordinary thread context, where waiting for the loader is libc's.
 #[inline(never)]
 fn capture_stack(ips: &mut [usize; MAX_DEPTH]) -> usize {
+    if let Some(depth) = walker::walk(ips) {
+        return depth;
+    }
     let mut len = 0;
     // SAFETY: `trace_unsynchronized` is unsafe only because it skips the crate's global lock,
     // which serialises dbghelp on Windows. On Linux it walks with the system unwinder
@@ -179,6 +217,77 @@ fn capture_stack(ips: &mut [usize; MAX_DEPTH]) -> usize {
         });
     }
     len
+}
+
+/// The lock profiles' walker: built when the first of the mutex and block captures starts (on
+/// the control thread), dropped when the last of them stops, after the walks in progress (each
+/// bounded, none waits for anything) have finished.
+mod walker {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+    use onsite_core::stack_walk::Walker;
+
+    /// Walks that may run at once; more wait for nobody, they walk with libgcc.
+    const CACHE_SLOTS: usize = 8;
+
+    static WALKER: AtomicPtr<Walker> = AtomicPtr::new(std::ptr::null_mut());
+    /// Walks that may be using [`WALKER`].
+    static WALKS: AtomicUsize = AtomicUsize::new(0);
+    /// Running captures that use the walker (changed by the control thread only).
+    static USERS: parking_lot::Mutex<usize> = parking_lot::Mutex::new(0);
+    static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        /// This thread's preferred cache slot, `usize::MAX` until asked.
+        static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+
+    pub(super) fn acquire() {
+        let mut users = USERS.lock();
+        if *users == 0 {
+            let walker = Box::into_raw(Box::new(Walker::new(CACHE_SLOTS)));
+            WALKER.store(walker, Ordering::SeqCst);
+        }
+        *users += 1;
+    }
+
+    pub(super) fn release() {
+        let mut users = USERS.lock();
+        *users = users.saturating_sub(1);
+        if *users == 0 {
+            let old = WALKER.swap(std::ptr::null_mut(), Ordering::SeqCst);
+            // A walk counted before this swap may still use `old`; one counted after sees null.
+            while WALKS.load(Ordering::SeqCst) != 0 {
+                std::thread::yield_now();
+            }
+            if !old.is_null() {
+                // SAFETY: from `Box::into_raw` in `acquire`, unpublished, and no walk is left
+                // that loaded it.
+                drop(unsafe { Box::from_raw(old) });
+            }
+        }
+    }
+
+    /// This thread's stack with the walker, if one is published and the walk finishes.
+    #[inline(always)]
+    pub(super) fn walk(ips: &mut [usize]) -> Option<usize> {
+        WALKS.fetch_add(1, Ordering::SeqCst);
+        let walker = WALKER.load(Ordering::SeqCst);
+        let preferred = SLOT
+            .try_with(|slot| {
+                if slot.get() == usize::MAX {
+                    slot.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed));
+                }
+                slot.get()
+            })
+            .unwrap_or(0);
+        // SAFETY: `release` frees a walker only after unpublishing it and seeing no walk
+        // counted, and this walk was counted before it loaded the pointer.
+        let depth = if walker.is_null() { None } else { unsafe { &*walker }.walk_here(preferred, ips) };
+        WALKS.fetch_sub(1, Ordering::SeqCst);
+        depth
+    }
 }
 
 /// A registered waiter of the mutex profile.
@@ -329,6 +438,7 @@ pub(crate) fn is_own_frame(function: &str) -> bool {
         "parking_lot::",
         "parking_lot_core::",
         "backtrace::",
+        "onsite_core::stack_walk::",
         "core::ptr::drop_in_place<lock_api::",
         "core::mem::drop<lock_api::",
     ]

@@ -4,16 +4,29 @@
 //! Everything here runs inside other people's `pthread_create` calls, so it allocates nothing
 //! on the creating side, takes no lock, and never fails the creation: when a table is full the
 //! thread is still created, only counted as "stack unknown".
+//!
+//! The creating stack is walked with libgcc's unwinder (through `backtrace`): the hook runs on
+//! an ordinary thread inside `pthread_create` (which takes libc's own locks anyway), never in a
+//! signal handler or the allocator, and it runs whether or not a capture does, so it cannot
+//! borrow a capture's walker (onsite-core's lock-free one pins every loaded object for its
+//! life, which the hook's would be the process's).
+//!
+//! **Room for each capture**: [`compact`], at the start of each threadcreate capture, empties
+//! every stack no live or starting thread came from, so a capture starts with room whatever
+//! earlier ones saw, and "alive at the stop" still names the stack of every thread created
+//! before. Creations mark their time inside the table ([`INTERNING`]); the compaction sets
+//! [`COMPACTING`] (creations that start then skip the table: counted, stack unknown), waits
+//! until none is inside, and keeps the stacks that a pending slot or a live entry points to.
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use onsite_core::StackTable;
 
 /// Frames kept per creating stack (including a few of the hook's own, dropped when written).
 pub(crate) const MAX_DEPTH: usize = 64;
-/// Distinct creating stacks remembered for the life of the process.
+/// Distinct creating stacks remembered at once (see [`compact`]).
 pub(crate) const STACKS: usize = 1024;
 /// Threads being started at the same moment (created, not yet running their first line).
 const PENDING: usize = 256;
@@ -32,8 +45,13 @@ type PthreadCreate =
 
 /// The stacks that created threads; each creation probes the whole table before giving up.
 static STACK_TABLE: StackTable<STACKS, MAX_DEPTH> = StackTable::new(STACKS);
-/// Threads created from each stack of [`STACK_TABLE`] since the process started (only grows).
+/// Threads created from each stack of [`STACK_TABLE`] since the stack was added (only grows
+/// while it is in the table; reset when [`compact`] empties its entry).
 static CREATED: [AtomicU64; STACKS] = [const { AtomicU64::new(0) }; STACKS];
+/// Creations between their look into [`STACK_TABLE`] and the count of the created thread.
+static INTERNING: AtomicUsize = AtomicUsize::new(0);
+/// Set while [`compact`] runs: creations then leave [`STACK_TABLE`] alone.
+static COMPACTING: AtomicBool = AtomicBool::new(false);
 /// Threads created whose stack found no room in [`STACK_TABLE`].
 static CREATED_WITHOUT_STACK: AtomicU64 = AtomicU64::new(0);
 /// Every thread creation the hook saw (tells whether it is in the path at all).
@@ -64,15 +82,21 @@ thread_local! {
     /// passed straight through rather than recursing.
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
     /// This thread's entry in [`LIVE_TABLE`], cleared when the thread exits.
-    static LIVE_ENTRY: LiveEntry = const { LiveEntry(Cell::new(usize::MAX)) };
+    static LIVE_ENTRY: LiveEntry = const { LiveEntry { index: Cell::new(usize::MAX), packed: Cell::new(0) } };
 }
 
-struct LiveEntry(Cell<usize>);
+/// Where this thread is in [`LIVE_TABLE`], and what it wrote there.
+struct LiveEntry {
+    index: Cell<usize>,
+    packed: Cell<u64>,
+}
 
 impl Drop for LiveEntry {
     fn drop(&mut self) {
-        if let Some(entry) = LIVE_TABLE.get(self.0.get()) {
-            entry.store(0, Ordering::Release);
+        if let Some(entry) = LIVE_TABLE.get(self.index.get()) {
+            // Only if it is still this thread's (a forked child clears the table it inherits,
+            // and the slot may hold another thread since).
+            let _ = entry.compare_exchange(self.packed.get(), 0, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 }
@@ -108,7 +132,10 @@ unsafe fn create_hooked(
             depth < MAX_DEPTH
         });
     }
-    let stack = STACK_TABLE.intern(&ips[..depth]);
+    // Until the creation is counted, the stack's entry may be pointed to by nothing else: it
+    // must not be emptied meanwhile (see `compact`).
+    INTERNING.fetch_add(1, Ordering::SeqCst);
+    let stack = if COMPACTING.load(Ordering::SeqCst) { None } else { STACK_TABLE.intern(&ips[..depth]) };
     let pending =
         PENDING_TABLE.iter().position(|p| p.taken.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok());
     let rc = match pending {
@@ -136,6 +163,7 @@ unsafe fn create_hooked(
             None => CREATED_WITHOUT_STACK.fetch_add(1, Ordering::Relaxed),
         };
     }
+    INTERNING.fetch_sub(1, Ordering::SeqCst);
     IN_HOOK.with(|h| h.set(false));
     rc
 }
@@ -153,8 +181,12 @@ extern "C-unwind" fn trampoline(index: *mut c_void) -> *mut c_void {
     let start = p.start.load(Ordering::Acquire);
     let arg = p.arg.load(Ordering::Acquire);
     let stack = p.stack.load(Ordering::Acquire);
-    p.taken.store(0, Ordering::Release);
+    // Registered before the pending slot is let go, so `compact` always finds the stack
+    // pointed to by one or the other.
     register_live(stack as u32);
+    p.taken.store(0, Ordering::Release);
+    // This thread's stack bounds, for walks of it in a signal handler (the threads dump).
+    onsite_core::stack_walk::note_this_thread_stack();
     // SAFETY: `start` was a `StartRoutine` stored by `create_hooked`; calling it as one that may
     // unwind lets `pthread_exit` from C start routines pass through this frame.
     let start = unsafe { std::mem::transmute::<usize, StartRoutineUnwind>(start) };
@@ -169,7 +201,10 @@ fn register_live(stack: u32) {
         let index = (first + probe) % LIVE;
         if LIVE_TABLE[index].compare_exchange(0, packed, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             // Registers the exit-time destructor that frees the entry.
-            let _ = LIVE_ENTRY.try_with(|e| e.0.set(index));
+            let _ = LIVE_ENTRY.try_with(|e| {
+                e.index.set(index);
+                e.packed.set(packed);
+            });
             return;
         }
     }
@@ -178,6 +213,50 @@ fn register_live(stack: u32) {
 pub(crate) fn gettid() -> i32 {
     // SAFETY: gettid has no arguments and cannot fail; it is async-signal-safe.
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Empties every stack of the table that no live or starting thread was created from (see the
+/// module docs), resetting its count. Called at the start of a threadcreate capture, on the
+/// control thread; waits only for creations in progress (each a `pthread_create` call).
+pub(crate) fn compact() {
+    COMPACTING.store(true, Ordering::SeqCst);
+    while INTERNING.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+    let mut kept = vec![false; STACKS];
+    let mut keep = |stack: usize| {
+        if let Some(k) = kept.get_mut(stack) {
+            *k = true;
+        }
+    };
+    // Pending slots first: a starting thread registers itself live before it lets its pending
+    // slot go, so one read after the other cannot miss it.
+    for p in &PENDING_TABLE {
+        if p.taken.load(Ordering::Acquire) != 0 {
+            keep(p.stack.load(Ordering::Acquire));
+        }
+    }
+    for (_, stack) in live_threads() {
+        keep(stack as usize);
+    }
+    STACK_TABLE.retain(|index| kept[index], |index| CREATED[index].store(0, Ordering::Relaxed));
+    COMPACTING.store(false, Ordering::SeqCst);
+}
+
+/// In a forked child (from `pthread_atfork`; only the forking thread exists): the creations
+/// and the compaction that were in progress in the parent's other threads never finish here,
+/// so their marks go; their pending slots and the parent's live threads are not this process's.
+pub(crate) fn forget_in_fork_child() {
+    INTERNING.store(0, Ordering::SeqCst);
+    COMPACTING.store(false, Ordering::SeqCst);
+    for p in &PENDING_TABLE {
+        p.taken.store(0, Ordering::Relaxed);
+    }
+    for entry in &LIVE_TABLE {
+        entry.store(0, Ordering::Relaxed);
+    }
+    // This thread's entry went with the others; its exit clears its entry only if the entry
+    // still holds what it wrote there, so a slot reused meanwhile is left alone.
 }
 
 /// How many threads each stack created so far, by stack index.
@@ -218,9 +297,11 @@ pub enum HookStatus {
 }
 
 /// Whether the hook is active. The `onsite` crate calls this at install, which also makes sure
-/// this crate (and so the exported `pthread_create`) is linked into the service.
+/// this crate (and so the exported `pthread_create`) is linked into the service, and registers
+/// this crate's `pthread_atfork` child handler (see `fork`).
 #[inline(never)]
 pub fn hook_status() -> HookStatus {
+    crate::fork::register_child_handler();
     if cfg!(all(target_feature = "crt-static", not(feature = "wrap"))) {
         HookStatus::StaticBuildWithoutWrap
     } else {

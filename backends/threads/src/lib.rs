@@ -13,6 +13,7 @@
 //! builds and for what the hook cannot see.
 
 mod dump;
+mod fork;
 mod hook;
 mod profile;
 

@@ -37,6 +37,9 @@ impl Profiler for ThreadCreateProfiler {
                  enable onsite-threads' `wrap` feature and link with `-C link-arg=-Wl,--wrap=pthread_create`",
             ));
         }
+        crate::fork::register_child_handler();
+        // Room for this capture's stacks; the counts below are read after it.
+        hook::compact();
         Ok(Box::new(ThreadCreateStopper {
             started_at: SystemTime::now(),
             started: Instant::now(),
