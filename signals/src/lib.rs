@@ -327,6 +327,7 @@ impl Builder {
             auto::watch::Watch::new(rules, self.auto.interval(), source, std::time::Instant::now())
         });
 
+        wake::register_fork_handler();
         let wake = wake::WakeSocket::new().map_err(InstallError::Io)?;
         let reader = wake.reader.try_clone().map_err(InstallError::Io)?;
         let signals =
@@ -370,6 +371,7 @@ impl Builder {
         );
         Ok(Onsite {
             dir: dir.dir().to_owned(),
+            pid: std::process::id(),
             commands,
             thread: Some(thread),
             signals: Some(signals),
@@ -411,6 +413,9 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 #[must_use = "dropping the handle shuts onsite down at once; keep it alive for the life of the service"]
 pub struct Onsite {
     dir: PathBuf,
+    /// The process that installed onsite: in a forked child, which has none of onsite's
+    /// threads, dropping this handle must not wait for them.
+    pid: u32,
     commands: mpsc::Sender<Command>,
     thread: Option<JoinHandle<()>>,
     signals: Option<wake::OperatorSignals>,
@@ -458,6 +463,15 @@ impl Onsite {
 
     fn shutdown_in_place(&mut self) {
         let Some(thread) = self.thread.take() else { return };
+        if std::process::id() != self.pid {
+            // A forked child's copy: the control thread is the parent's (joining it would wait
+            // for ever), and unregistering signal-hook actions could wait on a lock a parent
+            // thread held at the fork. The child's copies of the wake socket's ends are closed.
+            std::mem::forget(thread);
+            std::mem::forget(self.signals.take());
+            drop(self.wake.take());
+            return;
+        }
         // No new signal may start anything once shutdown begins.
         drop(self.signals.take());
         self.send(Command::Shutdown);

@@ -63,6 +63,52 @@ pub(crate) static CHAINED_TERMINATION: AtomicI32 = AtomicI32::new(0);
 /// The termination signals intercepted for the running capture, one bit per signal number.
 static ARMED: AtomicU64 = AtomicU64::new(0);
 
+/// The dispositions onsite's termination handler replaced, for a forked child to put back (it
+/// has no control thread to do it). Written by [`TerminationGuard::arm`] before the signal's
+/// [`ARMED`] bit is set (Release), read only in the child, after an Acquire load of that bit.
+struct SavedDispositions(std::cell::UnsafeCell<[libc::sigaction; TERMINATION_SIGNALS.len()]>);
+
+// SAFETY: see the type's docs: one writer (the control thread, before publishing through
+// `ARMED`), and readers only in a forked child, where that writer no longer exists.
+unsafe impl Sync for SavedDispositions {}
+
+// SAFETY: `sigaction` is plain data for which all zeroes is a valid (SIG_DFL) value.
+static SAVED: SavedDispositions = SavedDispositions(std::cell::UnsafeCell::new(unsafe { std::mem::zeroed() }));
+
+/// Makes onsite inert in a child made by `fork(2)` (a pre-fork server, `fork` + `exec`): the
+/// child has no control thread, so nothing may be sent its way, and it must not share the
+/// parent's wake socket (a signal to the child would toggle the parent's capture). Registered
+/// once, at the first install. The child handler is async-signal-safe: atomic stores and
+/// `sigaction(2)` only.
+pub(crate) fn register_fork_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler that only does what `pthread_atfork` child handlers may.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) };
+        if rc != 0 {
+            tracing::warn!(rc, "onsite: pthread_atfork failed; a forked child would share onsite's wake socket");
+        }
+    });
+}
+
+extern "C" fn in_forked_child() {
+    WAKE_FD.store(-1, Ordering::Release);
+    let armed = ARMED.swap(0, Ordering::AcqRel);
+    for (i, sig) in TERMINATION_SIGNALS.into_iter().enumerate() {
+        if armed & bit(sig) == 0 {
+            continue;
+        }
+        // SAFETY: sigaction(2) is async-signal-safe; `SAVED[i]` was written before the bit was
+        // set, and no other thread exists in the child to write it.
+        unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut current) == 0 && is_ours(&current) {
+                libc::sigaction(sig, &(*SAVED.0.get())[i], std::ptr::null_mut());
+            }
+        }
+    }
+}
+
 fn bit(sig: libc::c_int) -> u64 {
     1u64 << (sig as u32 % 64)
 }
@@ -220,13 +266,15 @@ impl TerminationGuard {
     /// would not end the process, so it must not end a capture either.
     pub(crate) fn arm() -> Self {
         let mut previous = Vec::new();
-        for sig in TERMINATION_SIGNALS {
-            // SAFETY: plain sigaction calls on zero-initialised, fully written structs.
+        for (i, sig) in TERMINATION_SIGNALS.into_iter().enumerate() {
+            // SAFETY: plain sigaction calls on zero-initialised, fully written structs; `SAVED`
+            // is written only here, on the control thread, before `ARMED` publishes it.
             unsafe {
                 let mut old: libc::sigaction = std::mem::zeroed();
                 if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction == libc::SIG_IGN {
                     continue;
                 }
+                (*SAVED.0.get())[i] = old;
                 let mut new: libc::sigaction = std::mem::zeroed();
                 new.sa_sigaction = on_termination as *const () as usize;
                 new.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;

@@ -207,3 +207,87 @@ fn install_says_when_onsite_chains_to_a_handler_already_there() {
     service.wait_for_log("the service's SIGUSR1 handler has run 1 times", DEADLINE);
     service.wait_for_files(Threads, "txt", 1, DEADLINE);
 }
+
+/// The file whose appearance makes the forking child fork.
+const FORK_FILE_VAR: &str = "ONSITE_TEST_FORK_FILE";
+
+/// A service that forks while a capture runs (a pre-fork server's worker, say). The forked
+/// child toggles (SIGUSR2 to itself), drops its copy of the `Onsite` handle, and sends itself
+/// SIGTERM; the service reports how that child ended.
+#[test]
+#[ignore = "child process role"]
+fn child_forks_during_a_capture() {
+    if role().as_deref() != Some("child_forks_during_a_capture") {
+        return;
+    }
+    init_logging();
+    let onsite = onsite::install().expect("the test's configuration is valid");
+    let fork_file = PathBuf::from(std::env::var_os(FORK_FILE_VAR).unwrap());
+    support::announce_ready();
+    while !fork_file.exists() {
+        support::burn_cpu_in_a_known_function(10_000);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: the child only makes async-signal-safe calls until it drops its copy of the
+    // handle, which must not wait for the parent's threads (what this tests), and then ends.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: signals to this (child) process only; `_exit` ends it without running the
+        // parent's exit handlers.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGUSR2);
+            drop(onsite);
+            libc::kill(libc::getpid(), libc::SIGTERM);
+            libc::sleep(5);
+            libc::_exit(3);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child, with a status out-pointer we own.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid);
+    if libc::WIFSIGNALED(status) {
+        tracing::info!("the forked child ended by signal {}", libc::WTERMSIG(status));
+    } else {
+        tracing::info!("the forked child exited with {}", libc::WEXITSTATUS(status));
+    }
+    loop {
+        support::burn_cpu_in_a_known_function(10_000);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A child forked during a capture does not share the parent's onsite: its toggle reaches no
+/// one, dropping its copy of the handle returns at once, and SIGTERM has its default action
+/// there again (onsite's interception belonged to the parent's capture). The parent's capture
+/// runs on and is written at the parent's own toggle.
+#[test]
+fn a_child_forked_during_a_capture_is_not_the_parents_onsite() {
+    let dir = tempfile::tempdir().unwrap();
+    let fork_file = dir.path().join("fork-now");
+    let mut env = cpu_only();
+    let fork_file_text = fork_file.to_str().unwrap().to_owned();
+    env.push((FORK_FILE_VAR, &fork_file_text));
+    let mut service = Service::start("child_forks_during_a_capture", dir.path(), &env);
+
+    service.signal(libc::SIGUSR2);
+    service.wait_for_log("capture started", DEADLINE);
+    std::fs::write(&fork_file, "").unwrap();
+    service.wait_for_log("the forked child ended", DEADLINE);
+    assert!(
+        service.log_text().contains(&format!("the forked child ended by signal {}", libc::SIGTERM)),
+        "the forked child's SIGTERM did not end it:\n{}",
+        service.log_text()
+    );
+    // The child's toggle would have stopped the parent's capture by now.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !service.log_text().contains("capture stopped"),
+        "the child's toggle reached the parent:\n{}",
+        service.log_text()
+    );
+    service.signal(libc::SIGUSR2);
+    service.wait_for_log("capture stopped", DEADLINE);
+    assert_eq!(support::manifests(dir.path()).len(), 1, "one capture, the parent's");
+}
