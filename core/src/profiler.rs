@@ -133,9 +133,8 @@ impl CaptureOutput {
     pub fn scratch_file(&self, kind: ProfileKind, ext: &str) -> Result<std::fs::File, CaptureError> {
         let path = self.dir.path(&self.stamp, kind, ext);
         let (dir, name) = (self.dir.dir(), path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
-        scratch_file(dir, &name).map_err(|e| {
-            CaptureError::new(kind, format!("could not create a scratch file in {}: {e}", dir.display()))
-        })
+        scratch_file(dir, &name)
+            .map_err(|e| CaptureError::new(kind, format!("could not create a scratch file in {}: {e}", dir.display())))
     }
 
     /// Every file written so far, in order.

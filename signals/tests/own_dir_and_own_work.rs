@@ -37,7 +37,12 @@ fn child_service() {
     }
     tracing_subscriber::registry()
         .with(onsite::trace::layer())
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false).with_filter(LevelFilter::INFO))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_filter(LevelFilter::INFO),
+        )
         .init();
     let onsite = onsite::install().expect("install");
     let dir = onsite.dump_dir().to_owned();
@@ -134,7 +139,8 @@ fn a_trace_capture_with_memory_charges_none_of_its_work_to_the_service() {
     let dir = tempfile::tempdir().unwrap();
     capture_once(dir.path(), &[("ONSITE_KINDS", "memory,trace"), ("ONSITE_MEMORY_SAMPLE_BYTES", "4096")]);
     let trace: Vec<serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(&dump_files(dir.path(), ProfileKind::Trace, "json")[0]).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(&dump_files(dir.path(), ProfileKind::Trace, "json")[0]).unwrap())
+            .unwrap();
     let spans = trace.iter().filter(|e| e["ph"] == "B" && e["name"] == "request").count();
     assert!(spans > 1000, "the service emitted many spans during the capture: {spans}");
 
