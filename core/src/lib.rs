@@ -33,4 +33,4 @@ pub use kind::{ProfileKind, UnknownKind};
 pub use naming::{CaptureStamp, ConfigError, DumpDir, format_utc_millis};
 pub use profiler::{CaptureError, CaptureOutput, NoopStopper, Profiler, Stopper};
 pub use stack_table::StackTable;
-pub use write::{WriteError, WrittenFile, write_new_file};
+pub use write::{WriteError, WrittenFile, scratch_file, write_new_file};

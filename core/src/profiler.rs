@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use crate::kind::ProfileKind;
 use crate::naming::{CaptureStamp, DumpDir};
-use crate::write::{WriteError, WrittenFile, write_new_file};
+use crate::write::{WriteError, WrittenFile, scratch_file, write_new_file};
 
 /// Something that can capture one kind of profile. Held by the control thread for the life
 /// of the process; `start` is called once per capture.
@@ -17,6 +17,15 @@ pub trait Profiler: Send {
 
     /// Starts capturing. The returned [`Stopper`] ends this capture and writes its files.
     fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError>;
+
+    /// Starts capturing for the capture whose files will go through `out`; the control thread
+    /// calls this. The default is [`start`](Profiler::start); a backend that keeps data on disk
+    /// during the capture overrides it to put that data in `out`'s directory
+    /// ([`CaptureOutput::scratch_file`]).
+    fn start_for(&mut self, out: &CaptureOutput) -> Result<Box<dyn Stopper>, CaptureError> {
+        let _ = out;
+        self.start()
+    }
 }
 
 /// One running capture of one kind.
@@ -116,6 +125,16 @@ impl CaptureOutput {
             }
             Err(e) => Err(CaptureError::from((kind, e))),
         }
+    }
+
+    /// A private, already-unlinked scratch file in the dump directory for the `kind` data this
+    /// capture keeps while it runs (see [`scratch_file`](crate::scratch_file)); the error names
+    /// the directory.
+    pub fn scratch_file(&self, kind: ProfileKind, ext: &str) -> Result<std::fs::File, CaptureError> {
+        let path = self.dir.path(&self.stamp, kind, ext);
+        let (dir, name) = (self.dir.dir(), path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        scratch_file(dir, &name)
+            .map_err(|e| CaptureError::new(kind, format!("could not create a scratch file in {}: {e}", dir.display())))
     }
 
     /// Every file written so far, in order.

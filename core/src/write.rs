@@ -89,6 +89,20 @@ pub fn write_new_file(
     }
 }
 
+/// Creates a private scratch file for a capture's temporary data in `dir`, named after the
+/// dump it will become (`.{name}.{pid}.{n}.tmp`, created exactly as the writer's temporary:
+/// `O_EXCL|O_NOFOLLOW`, mode 0600), and unlinks it at once: it is reachable only through the
+/// returned handle and vanishes with it (or with the process, however that ends), so nothing
+/// is ever left in `dir` and retention never sees it.
+///
+/// Putting scratch data in the dump directory means a service needs no writable `/tmp`: the
+/// directory onsite writes to is the only one it needs.
+pub fn scratch_file(dir: &Path, name: &str) -> io::Result<File> {
+    let (path, file) = create_temp(dir, name.as_bytes())?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
 fn already_exists() -> io::Error {
     io::Error::new(io::ErrorKind::AlreadyExists, "a file or symlink already exists there; it was not touched")
 }
@@ -112,6 +126,8 @@ fn create_temp(dir: &Path, name: &[u8]) -> io::Result<(PathBuf, File)> {
         temp_name.extend_from_slice(format!(".{}.{n}.tmp", std::process::id()).as_bytes());
         let temp_path = dir.join(std::ffi::OsStr::from_bytes(&temp_name));
         match OpenOptions::new()
+            // Readable too: a scratch file is read back at the stop.
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
@@ -233,6 +249,26 @@ mod tests {
         assert_eq!(err.source.raw_os_error(), Some(libc::ENOSPC));
         assert!(err.to_string().contains(&path.display().to_string()));
         assert!(entries(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_scratch_file_is_private_usable_and_already_gone_from_the_directory() {
+        use std::io::{Read, Seek};
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = scratch_file(dir.path(), "svc-1-trace-x.json").unwrap();
+        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+        file.write_all(b"scratch").unwrap();
+        file.rewind().unwrap();
+        let mut back = String::new();
+        file.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "scratch");
+    }
+
+    #[test]
+    fn a_scratch_file_in_a_missing_directory_is_an_error() {
+        let err = scratch_file(Path::new("/proc/onsite-cannot-write-here"), "a.json").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 
     #[test]

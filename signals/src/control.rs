@@ -224,7 +224,7 @@ impl Controller {
         let mut failures = Vec::new();
         for profiler in self.setup.profilers.iter_mut().filter(|p| wanted.contains(&p.kind())) {
             let kind = profiler.kind();
-            match catch_unwind(AssertUnwindSafe(|| profiler.start())) {
+            match catch_unwind(AssertUnwindSafe(|| profiler.start_for(&output))) {
                 Ok(Ok(stopper)) => stoppers.push((kind, stopper)),
                 Ok(Err(e)) => {
                     tracing::error!(%kind, error = %e.message, "onsite: could not start this kind; the others carry on");

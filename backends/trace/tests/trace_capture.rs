@@ -67,6 +67,32 @@ fn two_captures_in_a_row_hold_balanced_named_spans() {
 }
 
 #[test]
+fn beside_a_filtered_fmt_layer_a_capture_records_every_level_and_off_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_child("filtered_fmt", dir.path());
+    let files = dump_files(dir.path(), ProfileKind::Trace, "json");
+    assert_eq!(files.len(), 2, "{files:?}");
+
+    let first: Vec<Value> = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let (closed, instants) = balanced_spans(&first);
+    for name in ["trace_level", "debug_level", "info_level"] {
+        assert_eq!(closed.get(name), Some(&2), "{name}, levels the fmt filter drops too: {closed:?}");
+    }
+    assert_eq!(instants.len(), 2, "the debug and the info event: {instants:?}");
+    assert!(!closed.contains_key("off_before"), "{closed:?}");
+
+    let second: Vec<Value> = serde_json::from_slice(&std::fs::read(&files[1]).unwrap()).unwrap();
+    let (closed, _) = balanced_spans(&second);
+    assert_eq!(closed.get("second"), Some(&1), "{closed:?}");
+    assert!(!closed.contains_key("off_between"), "spans made while off are not recorded: {closed:?}");
+    assert!(!closed.contains_key("info_level") && !closed.contains_key("trace_level"), "{closed:?}");
+
+    // The fmt layer saw its own level only, during the capture as outside it.
+    assert!(out.stderr.contains("info event in a capture"), "{}", out.stderr);
+    assert!(!out.stderr.contains("debug event in a capture"), "{}", out.stderr);
+}
+
+#[test]
 fn without_the_layer_a_capture_fails_saying_how_to_add_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_child("no_layer", dir.path());
@@ -78,13 +104,24 @@ fn threads_of_this_process() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
 
+/// One capture the way onsite's control thread runs it: its scratch file in `dir` (checked to
+/// leave nothing there), its file written there at the stop.
 fn capture(profiler: &mut dyn Profiler, dir: &Path, work: impl FnOnce()) {
-    let stopper = profiler.start().unwrap();
+    let before = names_in(dir);
+    let out = CaptureOutput::new(DumpDir::new(dir), CaptureStamp::now());
+    let stopper = profiler.start_for(&out).unwrap();
+    assert_eq!(names_in(dir), before, "the scratch file is unlinked at once");
     work();
+    stopper.stop(&out).unwrap();
     // Two captures in one millisecond would share a name.
     std::thread::sleep(Duration::from_millis(2));
-    let out = CaptureOutput::new(DumpDir::new(dir), CaptureStamp::now());
-    stopper.stop(&out).unwrap();
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -125,6 +162,50 @@ fn child() {
 
             drop(profiler);
             assert_eq!(threads_of_this_process(), threads_before, "the writer thread was joined");
+        }
+        "filtered_fmt" => {
+            use tracing::level_filters::LevelFilter;
+            tracing_subscriber::registry()
+                .with(onsite_trace::layer())
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(false)
+                        .with_filter(LevelFilter::INFO),
+                )
+                .init();
+            let mut profiler = onsite_trace::TraceProfiler::new();
+            // Off, the layer asks for nothing: the maximum level is the fmt layer's, and a
+            // trace callsite is disabled before any span is built.
+            let off = || {
+                assert_eq!(LevelFilter::current(), LevelFilter::INFO, "off leaves the max level alone");
+                assert!(!tracing::enabled!(tracing::Level::TRACE), "a trace callsite is disabled while off");
+            };
+            off();
+            drop(tracing::trace_span!("off_before").entered());
+            capture(&mut profiler, &dir, || {
+                assert_eq!(LevelFilter::current(), LevelFilter::TRACE, "a capture wants every level");
+                assert!(tracing::enabled!(tracing::Level::TRACE));
+                for _ in 0..2 {
+                    let _t = tracing::trace_span!("trace_level").entered();
+                    let _d = tracing::debug_span!("debug_level").entered();
+                    let _i = tracing::info_span!("info_level").entered();
+                }
+                tracing::debug!("debug event in a capture");
+                tracing::info!("info event in a capture");
+            });
+            off();
+            let made_while_off = tracing::info_span!("off_between");
+            for _ in 0..3 {
+                drop(tracing::trace_span!("off_between").entered());
+                drop(made_while_off.enter());
+            }
+            capture(&mut profiler, &dir, || {
+                // Created before the capture: not the layer's (see the crate docs).
+                drop(made_while_off.enter());
+                drop(tracing::info_span!("second").entered());
+            });
+            off();
         }
         "no_layer" => {
             tracing_subscriber::registry().init();

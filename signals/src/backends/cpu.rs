@@ -28,7 +28,8 @@ impl Settings {
     }
 
     pub(crate) fn profilers(&self) -> Vec<Box<dyn Profiler>> {
-        vec![Box::new(onsite_cpu::CpuProfiler::new(self.frequency_hz, self.flamegraph))]
+        let cpu = onsite_cpu::CpuProfiler::new(self.frequency_hz, self.flamegraph);
+        vec![Box::new(super::cpu_temp_dir::UsableTempDir::wrap(cpu))]
     }
 }
 

@@ -6,6 +6,8 @@ use onsite_core::{ProfileKind, Profiler};
 
 #[cfg(feature = "cpu")]
 pub(crate) mod cpu;
+#[cfg(feature = "cpu")]
+mod cpu_temp_dir;
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
 #[cfg(any(feature = "mutex", feature = "block"))]
