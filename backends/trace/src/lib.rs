@@ -479,10 +479,28 @@ fn start_into(file: File) -> Result<Box<dyn Stopper>, CaptureError> {
         }
         shared.running = Some(receiver);
         GENERATION.fetch_add(1, Ordering::SeqCst);
+        register_fork_handler();
         RECORDING.store(true, Ordering::SeqCst);
     }
     rebuild_interest();
     Ok(Box::new(TraceStopper { started: Instant::now() }))
+}
+
+/// A child made by `fork(2)` during a capture has no writer thread: were it to go on recording,
+/// its events would pile up in a channel no one reads. Its child handler switches recording off
+/// (one atomic store, as `pthread_atfork` child handlers may do). Registered once, at the first
+/// capture.
+fn register_fork_handler() {
+    extern "C" fn in_forked_child() {
+        RECORDING.store(false, Ordering::SeqCst);
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a child handler that only stores an atomic.
+        if unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) } != 0 {
+            tracing::warn!("onsite: pthread_atfork failed; a child forked during a trace capture would record for ever");
+        }
+    });
 }
 
 struct TraceStopper {
