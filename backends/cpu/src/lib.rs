@@ -18,6 +18,10 @@
 //! - **SIGPROF after stop**: pprof-rs leaves SIGPROF ignored when it stops, so a late tick cannot
 //!   kill the process ("Profiling timer expired"). Nothing here restores SIG_DFL.
 
+mod sample_count;
+mod sampling_clock;
+mod thread_timers;
+
 use std::time::{Duration, Instant};
 
 use onsite_core::pprof::{PprofBuilder, decode, sample_stacks};
@@ -35,12 +39,21 @@ const BLOCKLIST: [&str; 4] = ["libgcc_s", "ld-linux", "linux-vdso", "vdso"];
 pub struct CpuProfiler {
     frequency_hz: u32,
     flamegraph: bool,
+    per_thread_timers: bool,
 }
 
 impl CpuProfiler {
     /// A profiler sampling at `frequency_hz`, also writing an SVG flamegraph when `flamegraph`.
     pub fn new(frequency_hz: u32, flamegraph: bool) -> Self {
-        CpuProfiler { frequency_hz, flamegraph }
+        CpuProfiler { frequency_hz, flamegraph, per_thread_timers: true }
+    }
+
+    /// Whether captures sample with a CPU-time timer per thread (the default) or with
+    /// pprof-rs's process-wide `setitimer`, which delivers at most one sample per scheduler
+    /// tick for the whole process (the fallback where per-thread timers cannot be made).
+    pub fn per_thread_timers(mut self, on: bool) -> Self {
+        self.per_thread_timers = on;
+        self
     }
 }
 
@@ -56,6 +69,7 @@ impl Profiler for CpuProfiler {
     }
 
     fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
+        let begun_ns = thread_timers::monotonic_ns();
         let cpu_before = process_cpu_time();
         let guard = match pprof::ProfilerGuardBuilder::default()
             .frequency(self.frequency_hz as i32)
@@ -74,7 +88,9 @@ impl Profiler for CpuProfiler {
             }
             Err(e) => return Err(CaptureError::new(ProfileKind::Cpu, format!("pprof-rs could not start: {e}"))),
         };
+        let clock = sampling_clock::SamplingClock::start(self.frequency_hz, self.per_thread_timers, begun_ns);
         Ok(Box::new(CpuStopper {
+            clock,
             guard,
             frequency_hz: self.frequency_hz,
             flamegraph: self.flamegraph,
@@ -85,6 +101,7 @@ impl Profiler for CpuProfiler {
 }
 
 struct CpuStopper {
+    clock: sampling_clock::SamplingClock,
     guard: pprof::ProfilerGuard<'static>,
     frequency_hz: u32,
     flamegraph: bool,
@@ -95,6 +112,8 @@ struct CpuStopper {
 impl Stopper for CpuStopper {
     fn stop(self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError> {
         let err = |m: String| CaptureError::new(ProfileKind::Cpu, m);
+        // No timer of the capture may outlive pprof-rs's guard (nor fire into the report).
+        let clock = self.clock.stop();
         // Take the raw stacks before dropping the guard: dropping it resets pprof-rs's data.
         let report = self.guard.report().build_unresolved().map_err(|e| err(format!("pprof-rs report: {e}")));
         let wall = self.started.elapsed();
@@ -117,20 +136,14 @@ impl Stopper for CpuStopper {
         }
 
         let expected = (cpu_used.as_secs_f64() * f64::from(self.frequency_hz)).round() as i64;
-        let missing = (expected - received).max(0);
-        let note = format!(
-            "onsite: {received} samples at {} Hz over {:.1}s; the process used {:.2}s of CPU, which predicts about \
-             {expected}; about {missing} ({:.1}%) were dropped by the sampler or not delivered",
+        builder.comment(&format!(
+            "onsite: {} Hz over {:.1}s; the process used {:.2}s of CPU",
             self.frequency_hz,
             wall.as_secs_f64(),
-            cpu_used.as_secs_f64(),
-            if expected > 0 { 100.0 * missing as f64 / expected as f64 } else { 0.0 },
-        );
-        builder.comment(&note);
-        if expected > 0 && missing * 10 > expected {
-            tracing::warn!(received, expected, missing, "onsite: more than 10% of CPU samples are missing");
-        } else {
-            tracing::debug!(received, expected, "onsite: CPU samples received");
+            cpu_used.as_secs_f64()
+        ));
+        for line in clock.comments(received, expected) {
+            builder.comment(&line);
         }
 
         let mut first_error = None;
