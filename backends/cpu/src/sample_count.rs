@@ -65,8 +65,9 @@ pub(crate) fn install() -> Result<(), String> {
     for counter in [&SIGNALS, &EXPIRIES, &PASSED, &CARRIED, &OVERLAP_LOST, &OVER_CAP, &FIRST_SAMPLE_NS] {
         counter.store(0, Ordering::Relaxed);
     }
-    // SAFETY: reads the current action into a sigaction we own.
+    // SAFETY: all-zero is a valid sigaction.
     let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: reads the current action into a sigaction we own.
     if unsafe { libc::sigaction(libc::SIGPROF, std::ptr::null(), &mut current) } != 0 {
         return Err(format!("sigaction(SIGPROF): {}", std::io::Error::last_os_error()));
     }
@@ -83,7 +84,9 @@ pub(crate) fn install() -> Result<(), String> {
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = ours;
     action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: initialises the set we own.
     unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: installs a valid action for SIGPROF; the previous one is kept in PPROF_HANDLER.
     if unsafe { libc::sigaction(libc::SIGPROF, &action, std::ptr::null_mut()) } != 0 {
         return Err(format!("sigaction(SIGPROF): {}", std::io::Error::last_os_error()));
     }
