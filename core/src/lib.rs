@@ -27,6 +27,7 @@ pub mod stack_walk;
 /// For onsite's own tests (and services' tests if they like), not for production code.
 #[cfg(feature = "test-support")]
 pub mod test_support;
+pub mod thread_events;
 mod write;
 
 pub use kind::{ProfileKind, UnknownKind};

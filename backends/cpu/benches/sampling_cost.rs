@@ -1,21 +1,33 @@
-//! What a CPU capture costs the service: two threads run a fixed CPU-bound loop, alternating
-//! rounds with no capture (the baseline) and with a 99 Hz capture running, and the throughput
-//! ratio of each pair is reported (median over rounds, plus spread).
+//! What a CPU capture costs and how complete it is, per-thread CPU timers beside pprof-rs's
+//! process-wide `setitimer`, all in one run:
+//!
+//! - **completeness**: samples recorded / what the busy threads' own CPU time predicts, at
+//!   99 Hz and 999 Hz, with 2 and with 8 busy threads;
+//! - **proportionality**: two threads whose CPU time is about 3:1 (one always busy, one busy a
+//!   quarter of the time): their sample ratio over their CPU-time ratio;
+//! - **start latency**: from the capture's start to its first sample, the first capture of the
+//!   process (cold: pprof-rs's first-use setup) and the following ones;
+//! - **cost**: throughput of two busy threads with a capture running / without, alternating
+//!   rounds (median over rounds, plus spread), at 99 Hz and 999 Hz.
 //!
 //! Run: `cargo bench -p onsite-cpu --bench sampling_cost`.
 
 #![allow(clippy::print_stdout)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler};
+use onsite_core::pprof::{decode, proto::Profile};
+use onsite_core::test_support::the_dump_file;
+use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler};
 use onsite_cpu::CpuProfiler;
 
 const ROUNDS: usize = 9;
 const ROUND: Duration = Duration::from_millis(700);
 const THREADS: usize = 2;
+const ACCURACY_RUN: Duration = Duration::from_millis(1500);
 
 #[inline(never)]
 fn work_unit(seed: u64) -> u64 {
@@ -26,6 +38,13 @@ fn work_unit(seed: u64) -> u64 {
         x ^= x << 17;
     }
     x
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Units of work done by `THREADS` threads in `ROUND`.
@@ -55,28 +74,183 @@ fn run_round() -> u64 {
     done.load(Ordering::Relaxed)
 }
 
+/// Busy threads named `busy-N`, each busy `duty` of the time (in 4 ms slices), for `run`;
+/// returns each thread's CPU time during it.
+fn busy_threads(duties: &[f64], run: Duration) -> Vec<(String, Duration)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = duties
+        .iter()
+        .enumerate()
+        .map(|(i, &duty)| {
+            let stop = Arc::clone(&stop);
+            let name = format!("busy-{i}");
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let start = thread_cpu();
+                    let mut acc = i as u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        // The CPU clock is read every 64 units only: a sample inside its system
+                        // call lands in the vDSO, which pprof-rs's blocklist drops.
+                        let slice = thread_cpu();
+                        while thread_cpu() - slice < Duration::from_micros((4000.0 * duty) as u64) {
+                            for _ in 0..64 {
+                                acc = work_unit(acc);
+                            }
+                        }
+                        if duty < 1.0 {
+                            std::thread::sleep(Duration::from_micros((4000.0 * (1.0 - duty)) as u64));
+                        }
+                    }
+                    std::hint::black_box(acc);
+                    (name, thread_cpu() - start)
+                })
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(run);
+    stop.store(true, Ordering::Relaxed);
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+fn capture<T>(profiler: &mut CpuProfiler, during: impl FnOnce() -> T) -> (T, Profile) {
+    let dir = tempfile::tempdir().unwrap();
+    let stopper = profiler.start().unwrap();
+    let result = during();
+    stopper.stop(&CaptureOutput::new(DumpDir::new(dir.path()), CaptureStamp::now())).unwrap();
+    let profile = decode(&std::fs::read(the_dump_file(dir.path(), ProfileKind::Cpu, "pprof")).unwrap()).unwrap();
+    (result, profile)
+}
+
+fn samples_by_thread(profile: &Profile) -> HashMap<String, i64> {
+    let mut by = HashMap::new();
+    let Some(key) = profile.string_table.iter().position(|s| s == "thread") else { return by };
+    for sample in &profile.sample {
+        if let Some(l) = sample.label.iter().find(|l| l.key == key as i64) {
+            *by.entry(profile.string_table[l.str as usize].clone()).or_insert(0) += sample.value[0];
+        }
+    }
+    by
+}
+
+fn comment_ms(profile: &Profile, after: &str) -> Option<f64> {
+    profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str()).find_map(|c| {
+        let at = c.find(after)? + after.len();
+        c[at..].trim_start().split(' ').next()?.parse().ok()
+    })
+}
+
+fn clock_name(per_thread: bool) -> &'static str {
+    if per_thread { "per-thread timers" } else { "setitimer" }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a list; there is nothing to list.
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut profiler = CpuProfiler::new(onsite_cpu::DEFAULT_FREQUENCY_HZ, false);
-    run_round(); // warm-up
-    let mut ratios = Vec::new();
-    for round in 0..ROUNDS {
-        let baseline = run_round();
-        let stopper = profiler.start().unwrap();
-        let capturing = run_round();
-        stopper.stop(&CaptureOutput::new(DumpDir::new(dir.path()), CaptureStamp::now())).unwrap();
-        let ratio = capturing as f64 / baseline as f64;
-        println!("round {round}: baseline {baseline} units, capturing {capturing} units, ratio {ratio:.3}");
-        ratios.push(ratio);
+    let profiler = |hz: u32, per_thread: bool| CpuProfiler::new(hz, false).per_thread_timers(per_thread);
+    // The first profiler of the process warms pprof-rs up in the background; a service has it
+    // from `install`, long before anyone signals it. `--cold` measures without that head start.
+    let warm_start = !std::env::args().any(|a| a == "--cold");
+    let _first = profiler(99, true);
+    if warm_start {
+        std::thread::sleep(Duration::from_millis(1500));
     }
-    ratios.sort_by(f64::total_cmp);
+
+    println!("start latency (capture's start to its first sample, 2 busy threads, 99 Hz, per-thread timers):");
+    let mut warm = Vec::new();
+    for i in 0..11 {
+        // The threads are busy before the capture starts, as a service's are when it is signalled.
+        let busy = std::thread::spawn(|| busy_threads(&[1.0, 1.0], Duration::from_millis(100)));
+        std::thread::sleep(Duration::from_millis(20));
+        let (_, profile) = capture(&mut profiler(99, true), || std::thread::sleep(Duration::from_millis(50)));
+        busy.join().unwrap();
+        let armed = comment_ms(&profile, "start: sampling").unwrap_or(f64::NAN);
+        let first = comment_ms(&profile, "first sample after").unwrap_or(f64::NAN);
+        if i == 0 {
+            println!("  first capture of the process: sampling after {armed:.2} ms, first sample after {first:.2} ms");
+        } else {
+            warm.push((armed, first));
+        }
+    }
+    warm.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let armed: Vec<f64> = warm.iter().map(|w| w.0).collect();
     println!(
-        "\nthroughput while a 99 Hz CPU capture runs / without: median {:.3} (min {:.3}, max {:.3}) over {ROUNDS} rounds of {ROUND:?} on {THREADS} threads",
-        ratios[ROUNDS / 2],
-        ratios[0],
-        ratios[ROUNDS - 1]
+        "  later captures (10): first sample after median {:.2} ms (max {:.2}); sampling after median {:.2} ms",
+        warm[5].1,
+        warm[9].1,
+        {
+            let mut a = armed.clone();
+            a.sort_by(f64::total_cmp);
+            a[5]
+        }
     );
+
+    println!("\ncompleteness: samples recorded / the busy threads' CPU time predicts ({ACCURACY_RUN:?} each)");
+    println!("| busy threads | rate | setitimer | per-thread timers |");
+    for threads in [2usize, 8] {
+        for hz in [99u32, 999] {
+            let mut cells = Vec::new();
+            for per_thread in [false, true] {
+                let (times, profile) =
+                    capture(&mut profiler(hz, per_thread), || busy_threads(&vec![1.0; threads], ACCURACY_RUN));
+                let by = samples_by_thread(&profile);
+                let cpu: f64 = times.iter().map(|(_, d)| d.as_secs_f64()).sum();
+                let got: i64 = times.iter().map(|(n, _)| by.get(n).copied().unwrap_or(0)).sum();
+                cells.push(got as f64 / (cpu * f64::from(hz)));
+                if per_thread && std::env::args().any(|a| a == "--comments") {
+                    for &c in &profile.comment {
+                        println!("    {}", profile.string_table[c as usize]);
+                    }
+                }
+            }
+            println!("| {threads} | {hz} Hz | {:.3} | {:.3} |", cells[0], cells[1]);
+        }
+    }
+
+    println!("\nproportionality: (samples heavy / light) / (CPU heavy / light), threads busy 100% and 25%");
+    for hz in [99u32, 999] {
+        let mut cells = Vec::new();
+        for per_thread in [false, true] {
+            let (times, profile) = capture(&mut profiler(hz, per_thread), || busy_threads(&[1.0, 0.25], ACCURACY_RUN));
+            let by = samples_by_thread(&profile);
+            let s = |i: usize| by.get(&times[i].0).copied().unwrap_or(0) as f64;
+            let c = |i: usize| times[i].1.as_secs_f64();
+            cells.push((s(0) / s(1)) / (c(0) / c(1)));
+            println!(
+                "  {hz} Hz, {}: CPU {:.2}:1, samples {:.2}:1, ratio {:.3}",
+                clock_name(per_thread),
+                c(0) / c(1),
+                s(0) / s(1),
+                cells.last().unwrap()
+            );
+        }
+    }
+
+    println!(
+        "\ncost: throughput with a capture running / without ({ROUNDS} alternating pairs of {ROUND:?}, {THREADS} threads)"
+    );
+    run_round(); // warm-up
+    for hz in [99u32, 999] {
+        for per_thread in [false, true] {
+            let mut p = profiler(hz, per_thread);
+            let dir = tempfile::tempdir().unwrap();
+            let mut ratios = Vec::new();
+            for _ in 0..ROUNDS {
+                let baseline = run_round();
+                let stopper = p.start().unwrap();
+                let capturing = run_round();
+                stopper.stop(&CaptureOutput::new(DumpDir::new(dir.path()), CaptureStamp::now())).unwrap();
+                ratios.push(capturing as f64 / baseline as f64);
+            }
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "  {hz} Hz, {}: median {:.3} (min {:.3}, max {:.3})",
+                clock_name(per_thread),
+                ratios[ROUNDS / 2],
+                ratios[0],
+                ratios[ROUNDS - 1]
+            );
+        }
+    }
 }

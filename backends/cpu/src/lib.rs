@@ -1,9 +1,18 @@
 //! onsite-cpu: CPU profiles from pprof-rs, written as Go-compatible pprof plus a flamegraph.
 //!
-//! pprof-rs samples with `setitimer(ITIMER_PROF)` and a SIGPROF handler that walks the stack.
-//! This crate only decides how it is started and stopped, and turns its raw stacks into
-//! files through core's shared pprof builder. Choices, each for a reason:
+//! pprof-rs's SIGPROF handler walks the stack and its report holds the raw stacks. This crate
+//! decides what drives it, how it is started and stopped, and turns its raw stacks into files
+//! through core's shared pprof builder. Choices, each for a reason:
 //!
+//! - **Clock**: a CPU-time timer per thread (`thread_timers`), not pprof-rs's process-wide
+//!   `setitimer`, which the kernel delivers at most once per scheduler tick for the whole
+//!   process. pprof-rs's `setitimer` is the fallback where the timers cannot be made, or when
+//!   [`CpuProfiler::per_thread_timers`] turns them off; the log and the profile say which ran.
+//! - **Counting**: a SIGPROF handler in front of pprof-rs's (`sample_count`) counts what the
+//!   kernel delivered and lets one thread at a time into pprof-rs, carrying an overlapping
+//!   thread's sample to its next one instead of letting pprof-rs drop it.
+//! - **Start latency**: pprof-rs's first-use setup is done when the profiler is created
+//!   (`warm_up`), so a capture samples within a millisecond of its start.
 //! - **Unwinder**: pprof-rs's default (`backtrace`, libgcc's DWARF unwinder). Its
 //!   `frame-pointer` unwinder never records the interrupted instruction pointer, so a flat
 //!   profile would blame every caller instead of the hot function (see FIELD-NOTES). The stress
@@ -12,19 +21,25 @@
 //! - **Blocklist**: samples that land inside the unwinder itself (libgcc_s), the dynamic loader
 //!   and the vDSO are dropped rather than unwound, because unwinding from there is where
 //!   deadlocks and crashes were reported. They are counted with the other missing samples.
-//! - **Dropped samples**: pprof-rs drops a sample silently when its lock is busy. The stopper
-//!   compares samples received with what the process's CPU time predicts, logs the gap and
-//!   writes it into the profile's comments (`go tool pprof -comments`).
+//! - **Missing samples**: the stopper compares samples recorded with what the process's CPU
+//!   time predicts, and writes into the profile's comments (`go tool pprof -comments`) how many
+//!   the kernel never delivered and how many were dropped after delivery, and why.
 //! - **SIGPROF after stop**: pprof-rs leaves SIGPROF ignored when it stops, so a late tick cannot
 //!   kill the process ("Profiling timer expired"). Nothing here restores SIG_DFL.
+
+mod sample_count;
+mod sampling_clock;
+mod thread_timers;
+mod warm_up;
 
 use std::time::{Duration, Instant};
 
 use onsite_core::pprof::{PprofBuilder, decode, sample_stacks};
 use onsite_core::{CaptureError, CaptureOutput, NoopStopper, ProfileKind, Profiler, Stopper};
 
-/// The default sampling rate. `ITIMER_PROF` ticks with the kernel's scheduler clock, so rates
-/// far above 100 Hz deliver only a fraction of what they ask for (FIELD-NOTES: ~16% at 999 Hz).
+/// The default sampling rate, per CPU-second of each thread (Go's is 100 Hz). Per-thread
+/// timers deliver higher rates too (see BENCHMARKS.md); 99 Hz keeps the cost near 1-2% of a
+/// busy thread and stays off the kernel's tick multiples.
 pub const DEFAULT_FREQUENCY_HZ: u32 = 99;
 
 /// Shared libraries whose code is never unwound from (matched as substrings of their paths).
@@ -35,12 +50,22 @@ const BLOCKLIST: [&str; 4] = ["libgcc_s", "ld-linux", "linux-vdso", "vdso"];
 pub struct CpuProfiler {
     frequency_hz: u32,
     flamegraph: bool,
+    per_thread_timers: bool,
 }
 
 impl CpuProfiler {
     /// A profiler sampling at `frequency_hz`, also writing an SVG flamegraph when `flamegraph`.
     pub fn new(frequency_hz: u32, flamegraph: bool) -> Self {
-        CpuProfiler { frequency_hz, flamegraph }
+        warm_up::begin();
+        CpuProfiler { frequency_hz, flamegraph, per_thread_timers: true }
+    }
+
+    /// Whether captures sample with a CPU-time timer per thread (the default) or with
+    /// pprof-rs's process-wide `setitimer`, which delivers at most one sample per scheduler
+    /// tick for the whole process (the fallback where per-thread timers cannot be made).
+    pub fn per_thread_timers(mut self, on: bool) -> Self {
+        self.per_thread_timers = on;
+        self
     }
 }
 
@@ -56,6 +81,8 @@ impl Profiler for CpuProfiler {
     }
 
     fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
+        let begun_ns = thread_timers::monotonic_ns();
+        warm_up::finish();
         let cpu_before = process_cpu_time();
         let guard = match pprof::ProfilerGuardBuilder::default()
             .frequency(self.frequency_hz as i32)
@@ -74,7 +101,9 @@ impl Profiler for CpuProfiler {
             }
             Err(e) => return Err(CaptureError::new(ProfileKind::Cpu, format!("pprof-rs could not start: {e}"))),
         };
+        let clock = sampling_clock::SamplingClock::start(self.frequency_hz, self.per_thread_timers, begun_ns);
         Ok(Box::new(CpuStopper {
+            clock,
             guard,
             frequency_hz: self.frequency_hz,
             flamegraph: self.flamegraph,
@@ -85,6 +114,7 @@ impl Profiler for CpuProfiler {
 }
 
 struct CpuStopper {
+    clock: sampling_clock::SamplingClock,
     guard: pprof::ProfilerGuard<'static>,
     frequency_hz: u32,
     flamegraph: bool,
@@ -95,6 +125,8 @@ struct CpuStopper {
 impl Stopper for CpuStopper {
     fn stop(self: Box<Self>, out: &CaptureOutput) -> Result<(), CaptureError> {
         let err = |m: String| CaptureError::new(ProfileKind::Cpu, m);
+        // No timer of the capture may outlive pprof-rs's guard (nor fire into the report).
+        let clock = self.clock.stop();
         // Take the raw stacks before dropping the guard: dropping it resets pprof-rs's data.
         let report = self.guard.report().build_unresolved().map_err(|e| err(format!("pprof-rs report: {e}")));
         let wall = self.started.elapsed();
@@ -117,20 +149,14 @@ impl Stopper for CpuStopper {
         }
 
         let expected = (cpu_used.as_secs_f64() * f64::from(self.frequency_hz)).round() as i64;
-        let missing = (expected - received).max(0);
-        let note = format!(
-            "onsite: {received} samples at {} Hz over {:.1}s; the process used {:.2}s of CPU, which predicts about \
-             {expected}; about {missing} ({:.1}%) were dropped by the sampler or not delivered",
+        builder.comment(&format!(
+            "onsite: {} Hz over {:.1}s; the process used {:.2}s of CPU",
             self.frequency_hz,
             wall.as_secs_f64(),
-            cpu_used.as_secs_f64(),
-            if expected > 0 { 100.0 * missing as f64 / expected as f64 } else { 0.0 },
-        );
-        builder.comment(&note);
-        if expected > 0 && missing * 10 > expected {
-            tracing::warn!(received, expected, missing, "onsite: more than 10% of CPU samples are missing");
-        } else {
-            tracing::debug!(received, expected, "onsite: CPU samples received");
+            cpu_used.as_secs_f64()
+        ));
+        for line in clock.comments(received, expected) {
+            builder.comment(&line);
         }
 
         let mut first_error = None;

@@ -190,7 +190,7 @@ extern "C-unwind" fn trampoline(index: *mut c_void) -> *mut c_void {
     // SAFETY: `start` was a `StartRoutine` stored by `create_hooked`; calling it as one that may
     // unwind lets `pthread_exit` from C start routines pass through this frame.
     let start = unsafe { std::mem::transmute::<usize, StartRoutineUnwind>(start) };
-    start(arg as *mut c_void)
+    onsite_core::thread_events::run_thread(|| start(arg as *mut c_void))
 }
 
 fn register_live(stack: u32) {
