@@ -263,6 +263,11 @@ impl Controller {
             return Vec::new();
         };
         let mut failures = capture.failures;
+        // A process on its way out has a grace period: symbolising stops at the budget and the
+        // rest is written with addresses and mappings only.
+        if matches!(cause, Cause::Termination(_) | Cause::Shutdown) {
+            capture.output.symbolize_until(Instant::now() + self.setup.backends.shutdown_budget);
+        }
         // Stop in the reverse order of starting, so the memory capture (started last) stops
         // first and sees none of the other kinds' stop work (symbolising, pprof-rs's reset).
         for (kind, stopper) in capture.stoppers.into_iter().rev() {

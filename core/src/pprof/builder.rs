@@ -56,8 +56,11 @@ pub fn symbolize(ip: usize) -> Vec<Frame> {
 /// empty, as [`symbolize`]). Honours this thread's symbolisation deadline: past it, the rest
 /// are only placed, not named.
 pub fn resolve_stack(ips: &[usize]) -> Vec<(Resolved, Vec<Frame>)> {
-    let mappings = Mappings::of_this_process();
     symbols::with_shared(|symbolizer| {
+        let mut mappings = symbolizer.process_mappings(false).clone();
+        if ips.iter().any(|&ip| ip != 0 && mappings.find(symbols::lookup_address(ip as u64)).is_none()) {
+            mappings = symbolizer.process_mappings(true).clone();
+        }
         ips.iter()
             .map(|&ip| {
                 let address = symbols::lookup_address(ip as u64);
@@ -270,7 +273,12 @@ impl PprofBuilder {
             .pending
             .iter()
             .any(|p| matches!(p, PendingLocation::Address(_) | PendingLocation::Frames { address: 1.., .. }));
-        let mappings = if needs_mappings { Mappings::of_this_process() } else { Mappings::default() };
+        let mappings = if needs_mappings {
+            // Read now, not when the capture started: objects loaded during it are included.
+            symbols::with_shared(|symbolizer| symbolizer.process_mappings(true).clone())
+        } else {
+            Mappings::default()
+        };
         let resolved = symbols::with_deadline(deadline, || self.resolve(&mappings));
         let locations = self.finish_locations(&mappings, resolved);
         self.finish_samples(&locations);

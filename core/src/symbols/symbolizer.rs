@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::elf::ElfObject;
-use super::maps::ObjectMapping;
+use super::maps::{Mappings, ObjectMapping};
 use crate::pprof::Frame;
 
 /// Resolves runtime addresses inside [`ObjectMapping`]s to frames, reading each object's file
@@ -18,6 +18,7 @@ use crate::pprof::Frame;
 #[derive(Debug, Default)]
 pub struct Symbolizer {
     search_path: Vec<PathBuf>,
+    process_mappings: Option<Mappings>,
     objects: HashMap<(String, Option<String>), Option<ElfObject>>,
 }
 
@@ -60,7 +61,16 @@ impl Symbolizer {
     /// `PPROF_BINARY_PATH`: `DIR/BUILD_ID/NAME`, any file in `DIR/BUILD_ID/`, `DIR/NAME`,
     /// `DIR/PATH`, and then the mapping's own path; the first whose build ID matches is used.
     pub fn with_search_path(dirs: impl IntoIterator<Item = PathBuf>) -> Symbolizer {
-        Symbolizer { search_path: dirs.into_iter().collect(), objects: HashMap::new() }
+        Symbolizer { search_path: dirs.into_iter().collect(), ..Symbolizer::default() }
+    }
+
+    /// This process's mappings, read once and kept (`refresh` reads them again: an address
+    /// outside all of them may be in an object loaded since).
+    pub fn process_mappings(&mut self, refresh: bool) -> &Mappings {
+        if refresh || self.process_mappings.is_none() {
+            self.process_mappings = Some(Mappings::of_this_process());
+        }
+        self.process_mappings.get_or_insert_with(Mappings::default)
     }
 
     /// Resolves runtime `address` (already adjusted to point into the instruction: a return
