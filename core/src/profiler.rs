@@ -140,11 +140,3 @@ impl CaptureOutput {
         self.written.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
-
-impl Drop for CaptureOutput {
-    /// A capture's output is done: the shared symboliser lets go of the files and parsed
-    /// DWARF it read for it, so none of that stays in the service's memory.
-    fn drop(&mut self) {
-        crate::symbols::release_shared();
-    }
-}

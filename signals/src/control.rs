@@ -314,6 +314,9 @@ impl Controller {
             watch.capture_ended(firing.rule, Instant::now());
         }
         retention::enforce(&self.setup.dir, self.setup.retention, Some(capture.output.stamp().as_str()));
+        // Nothing of the capture's symbolisation (mapped files, parsed DWARF) stays in the
+        // service's memory after it.
+        onsite_core::symbols::release_shared();
         written
     }
 
@@ -340,6 +343,10 @@ impl Controller {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e.message, "onsite: thread dump failed"),
             Err(_) => tracing::error!("onsite: thread dump panicked"),
+        }
+        // Kept while a capture runs (its stop symbolises the same objects), released otherwise.
+        if self.capture.is_none() {
+            onsite_core::symbols::release_shared();
         }
         retention::enforce(dir, self.setup.retention, Some(output.stamp().as_str()));
     }

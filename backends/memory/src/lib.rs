@@ -255,7 +255,10 @@ mod routed {
             // onsite's own allocations (its control thread symbolising, say) go to `System`:
             // they are not the service's, and they never wait on dhat's lock. Their frees go
             // through dhat like every free, and dhat ignores blocks it never recorded.
-            mode::DHAT if !own_work::is_own_work() && let Some(_entered) = enter_dhat() => {
+            mode::DHAT
+                if !own_work::is_own_work()
+                    && let Some(_entered) = enter_dhat() =>
+            {
                 // SAFETY: forwarded as received; dhat allocates from `System`.
                 unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } }
             }

@@ -296,7 +296,10 @@ fn ask(tids: &[i32], signal: c_int, deadline: Instant) -> Vec<Answer> {
 
 /// The calling thread's own stack, without this crate's frames.
 fn own_stack() -> Vec<usize> {
-    let mut ips = Vec::new();
+    // Room for every frame before the walk: `backtrace::trace` holds the backtrace crate's
+    // global lock, and an allocation under it would wait for the allocator's lock (dhat's),
+    // whose holder may be waiting for the backtrace lock in its own walk.
+    let mut ips = Vec::with_capacity(DEPTH);
     backtrace::trace(|frame| {
         let ip = frame.ip() as usize;
         if ip == 0 {

@@ -283,7 +283,10 @@ impl PprofBuilder {
         let locations = self.finish_locations(&mappings, resolved);
         self.finish_samples(&locations);
         for (reason, count) in std::mem::take(&mut self.not_walked) {
-            self.comment(&format!("{count} samples kept under {}: their stack could not be walked", not_walked_frame(&reason)));
+            self.comment(&format!(
+                "{count} samples kept under {}: their stack could not be walked",
+                not_walked_frame(&reason)
+            ));
         }
         self.profile.string_table = self.strings;
         self.profile
@@ -430,13 +433,8 @@ impl PprofBuilder {
         for sample in std::mem::take(&mut self.samples) {
             // Only a run of the profiler's own frames at the leaf end is dropped; a skippable
             // function deeper in the stack (a callback through the allocator, say) stays.
-            let mut location_id: Vec<u64> = sample
-                .locations
-                .iter()
-                .map(|&i| locations[i])
-                .skip_while(|&(_, own)| own)
-                .map(|(id, _)| id)
-                .collect();
+            let mut location_id: Vec<u64> =
+                sample.locations.iter().map(|&i| locations[i]).skip_while(|&(_, own)| own).map(|(id, _)| id).collect();
             if let Some(leaf) = location_id.first_mut() {
                 *leaf = self.trimmed_location(*leaf, &mut trimmed_locations);
             }

@@ -73,7 +73,10 @@ pub fn sample_stacks(profile: &Profile) -> Vec<(Vec<Cow<'_, str>>, &Sample)> {
                     _ => format!("{:#x}", l.address),
                 })]
             } else {
-                l.line.iter().map(|line| Cow::Borrowed(functions.get(&line.function_id).copied().unwrap_or("?"))).collect()
+                l.line
+                    .iter()
+                    .map(|line| Cow::Borrowed(functions.get(&line.function_id).copied().unwrap_or("?")))
+                    .collect()
             };
             (l.id, names)
         })
@@ -141,7 +144,8 @@ pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usiz
         let mut lines = Vec::with_capacity(frames.len());
         for frame in &frames {
             let name = string(&mut profile.string_table, &frame.function);
-            let system_name = string(&mut profile.string_table, frame.system_name.as_deref().unwrap_or(&frame.function));
+            let system_name =
+                string(&mut profile.string_table, frame.system_name.as_deref().unwrap_or(&frame.function));
             let filename = string(&mut profile.string_table, frame.file.as_deref().unwrap_or(""));
             let id = profile.function.len() as u64 + 1;
             profile.function.push(proto::Function { id, name, system_name, filename, start_line: 0 });

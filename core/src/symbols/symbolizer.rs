@@ -157,8 +157,8 @@ pub fn with_shared<R>(f: impl FnOnce(&mut Symbolizer) -> R) -> R {
 }
 
 /// Drops the process-wide symboliser's files and parsed DWARF, so nothing of a capture's
-/// symbolisation stays in the service's memory after it (called when a capture's output is
-/// done).
+/// symbolisation stays in the service's memory after it (the control thread calls it when a
+/// capture, or a thread dump outside one, is written).
 pub fn release_shared() {
     let released = SHARED.lock().unwrap_or_else(|e| e.into_inner()).take();
     drop(released);
