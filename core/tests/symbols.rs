@@ -150,7 +150,7 @@ fn a_stripped_copy_names_nothing_wrong_and_is_named_offline_by_build_id() {
     let wrong_dir = dir.path().join("wrong");
     std::fs::create_dir(&wrong_dir).unwrap();
     std::fs::copy("/bin/true", wrong_dir.join(name)).unwrap();
-    let named = symbolize_offline(&mut profile, &[wrong_dir.clone()]);
+    let named = symbolize_offline(&mut profile, std::slice::from_ref(&wrong_dir));
     assert_eq!(named, 0, "a file of another build ID names nothing");
     let named = symbolize_offline(&mut profile, &[wrong_dir, exe.parent().unwrap().to_path_buf()]);
     assert!(named > 0);
