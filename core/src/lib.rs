@@ -5,6 +5,8 @@
 //! - [`DumpDir`] and [`CaptureStamp`]: `{command}-{pid}-{kind}-{timestamp}.{ext}` naming;
 //! - [`write_new_file`] and [`CaptureOutput`]: the one all-or-nothing, no-symlink file writer;
 //! - [`pprof`]: the one builder from stacks to gzip'd `profile.proto`, and a reader for it;
+//! - [`symbols`]: this process's mappings (`/proc/self/maps`, build IDs) and the one
+//!   symboliser (addr2line and the ELF symbol tables, in process or offline by build ID);
 //! - [`StackTable`]: the one fixed, lock-free table of distinct stacks that backends recording
 //!   from an allocator or a hook index their counters by;
 //! - [`stack_walk`]: the one stack walker that takes no lock and allocates nothing, for the
@@ -24,6 +26,7 @@ pub mod pprof;
 mod profiler;
 mod stack_table;
 pub mod stack_walk;
+pub mod symbols;
 /// For onsite's own tests (and services' tests if they like), not for production code.
 #[cfg(feature = "test-support")]
 pub mod test_support;

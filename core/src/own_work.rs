@@ -16,13 +16,17 @@
 //! works during thread teardown.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 /// How many of onsite's threads can be registered at once (it runs two or three).
 const MAX_OWN_THREADS: usize = 16;
 
 /// The kernel thread ids of onsite's registered threads; 0 = free slot.
 static OWN_THREAD_IDS: [AtomicI32; MAX_OWN_THREADS] = [const { AtomicI32::new(0) }; MAX_OWN_THREADS];
+
+/// The `pthread_self()` of the same threads, slot for slot (pprof-rs names a sampled thread so);
+/// 0 = free slot.
+static OWN_PTHREADS: [AtomicU64; MAX_OWN_THREADS] = [const { AtomicU64::new(0) }; MAX_OWN_THREADS];
 
 /// Bit set in [`DEPTH`] for a registered thread; the low bits count open [`OwnWork`] scopes.
 const THREAD_BIT: u32 = 1 << 31;
@@ -42,6 +46,12 @@ pub fn is_own_work() -> bool {
 /// Whether the kernel thread `tid` is one of onsite's registered threads.
 pub fn is_own_thread_id(tid: i32) -> bool {
     tid != 0 && OWN_THREAD_IDS.iter().any(|slot| slot.load(Ordering::Relaxed) == tid)
+}
+
+/// Whether the thread whose `pthread_self()` is `thread` is one of onsite's registered threads
+/// (pprof-rs records samples by that value, not by kernel id).
+pub fn is_own_pthread(thread: u64) -> bool {
+    thread != 0 && OWN_PTHREADS.iter().any(|slot| slot.load(Ordering::Relaxed) == thread)
 }
 
 /// The calling thread's kernel thread id.
@@ -68,7 +78,10 @@ impl OwnThread {
         let slot = OWN_THREAD_IDS
             .iter()
             .position(|slot| slot.compare_exchange(0, tid, Ordering::Relaxed, Ordering::Relaxed).is_ok());
-        if slot.is_none() {
+        if let Some(slot) = slot {
+            // SAFETY: pthread_self has no preconditions.
+            OWN_PTHREADS[slot].store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
+        } else {
             tracing::debug!(tid, "onsite: no slot left to register one of onsite's threads by id");
         }
         OwnThread { tid, slot }
@@ -83,6 +96,7 @@ impl OwnThread {
 impl Drop for OwnThread {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
+            OWN_PTHREADS[slot].store(0, Ordering::Relaxed);
             OWN_THREAD_IDS[slot].store(0, Ordering::Relaxed);
         }
     }
@@ -141,6 +155,9 @@ mod tests {
         .unwrap();
         assert!(is_own_thread_id(tid));
         assert!(!is_own_thread_id(current_thread_id()));
+        // SAFETY: pthread_self has no preconditions.
+        assert!(!is_own_pthread(unsafe { libc::pthread_self() } as u64));
+        assert!(OWN_PTHREADS.iter().any(|p| p.load(Ordering::Relaxed) != 0));
         drop(registration);
         assert!(!is_own_thread_id(tid));
     }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use crate::kind::ProfileKind;
 use crate::naming::{CaptureStamp, DumpDir};
@@ -85,12 +85,27 @@ pub struct CaptureOutput {
     dir: DumpDir,
     stamp: CaptureStamp,
     written: Mutex<Vec<(ProfileKind, WrittenFile)>>,
+    symbolize_until: Mutex<Option<Instant>>,
 }
 
 impl CaptureOutput {
     /// Output for a capture stamped `stamp` in `dir`.
     pub fn new(dir: DumpDir, stamp: CaptureStamp) -> Self {
-        CaptureOutput { dir, stamp, written: Mutex::new(Vec::new()) }
+        CaptureOutput { dir, stamp, written: Mutex::new(Vec::new()), symbolize_until: Mutex::new(None) }
+    }
+
+    /// Stops symbolising at `deadline` (a shutdown's budget): what is written after it keeps
+    /// its addresses and real mappings, unnamed, so `go tool pprof` with `PPROF_BINARY_PATH`
+    /// (or [`crate::pprof::symbolize_offline`]) can still name it. Applies to every file
+    /// written through this output from now on; an earlier deadline already set stays.
+    pub fn symbolize_until(&self, deadline: Instant) {
+        let mut current = self.symbolize_until.lock().unwrap_or_else(|e| e.into_inner());
+        *current = Some(current.map_or(deadline, |d| d.min(deadline)));
+    }
+
+    /// The symbolisation deadline set by [`CaptureOutput::symbolize_until`], if any.
+    pub fn symbolize_deadline(&self) -> Option<Instant> {
+        *self.symbolize_until.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The capture's timestamp.
@@ -109,7 +124,8 @@ impl CaptureOutput {
     }
 
     /// Writes the `kind` file with extension `ext` (all or nothing, see [`write_new_file`]),
-    /// logs it, and records it.
+    /// logs it, and records it. `fill` runs under this output's symbolisation deadline, so a
+    /// profile built inside it honours it.
     pub fn write(
         &self,
         kind: ProfileKind,
@@ -117,7 +133,8 @@ impl CaptureOutput {
         fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
     ) -> Result<WrittenFile, CaptureError> {
         let path = self.dir.path(&self.stamp, kind, ext);
-        match write_new_file(&path, fill) {
+        let deadline = self.symbolize_deadline();
+        match crate::symbols::with_deadline(deadline, || write_new_file(&path, fill)) {
             Ok(file) => {
                 tracing::info!(kind = %kind, path = %file.path.display(), bytes = file.bytes, "onsite: wrote profile");
                 self.written.lock().unwrap_or_else(|e| e.into_inner()).push((kind, file.clone()));

@@ -275,6 +275,11 @@ impl Controller {
             return Vec::new();
         };
         let mut failures = capture.failures;
+        // A process on its way out has a grace period: symbolising stops at the budget and the
+        // rest is written with addresses and mappings only.
+        if matches!(cause, Cause::Termination(_) | Cause::Shutdown) {
+            capture.output.symbolize_until(Instant::now() + self.setup.backends.shutdown_budget);
+        }
         // Stop in the reverse order of starting, so the memory capture (started last) stops
         // first and sees none of the other kinds' stop work (symbolising, pprof-rs's reset).
         for (kind, stopper) in capture.stoppers.into_iter().rev() {
@@ -321,6 +326,9 @@ impl Controller {
             watch.capture_ended(firing.rule, Instant::now());
         }
         retention::enforce(&self.setup.dir, self.setup.retention, Some(capture.output.stamp().as_str()));
+        // Nothing of the capture's symbolisation (mapped files, parsed DWARF) stays in the
+        // service's memory after it.
+        onsite_core::symbols::release_shared();
         written
     }
 
@@ -350,6 +358,10 @@ impl Controller {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e.message, "onsite: thread dump failed"),
             Err(_) => tracing::error!("onsite: thread dump panicked"),
+        }
+        // Kept while a capture runs (its stop symbolises the same objects), released otherwise.
+        if self.capture.is_none() {
+            onsite_core::symbols::release_shared();
         }
         retention::enforce(dir, self.setup.retention, Some(output.stamp().as_str()));
     }

@@ -15,7 +15,7 @@
 //!   (`warm_up`), so a capture samples within a millisecond of its start.
 //! - **Unwinder**: pprof-rs's default (`backtrace`, libgcc's DWARF unwinder). Its
 //!   `frame-pointer` unwinder never records the interrupted instruction pointer, so a flat
-//!   profile would blame every caller instead of the hot function (see FIELD-NOTES). The stress
+//!   profile would blame every caller instead of the hot function. The stress
 //!   test in `signals/tests/` (50 toggles while threads allocate and free) is what keeps this
 //!   choice honest.
 //! - **Blocklist**: samples that land inside the unwinder itself (libgcc_s), the dynamic loader
@@ -24,6 +24,13 @@
 //! - **Missing samples**: the stopper compares samples recorded with what the process's CPU
 //!   time predicts, and writes into the profile's comments (`go tool pprof -comments`) how many
 //!   the kernel never delivered and how many were dropped after delivery, and why.
+//! - **The sampler's own frames**: every pprof-rs stack starts with its SIGPROF handler and the
+//!   unwinder, up to the kernel's signal trampoline. They are cut by address, at the trampoline
+//!   (the `sa_restorer` of SIGPROF's disposition), so a stripped binary keeps its real leaf;
+//!   names are only the fallback where no trampoline address is known.
+//! - **onsite's own threads** (the control thread symbolising and writing, the trace writer)
+//!   are sampled like any other, and put under one `[onsite]` root frame, counted in the
+//!   comments: never charged to the service's functions.
 //! - **SIGPROF after stop**: pprof-rs leaves SIGPROF ignored when it stops, so a late tick cannot
 //!   kill the process ("Profiling timer expired"). Nothing here restores SIG_DFL.
 
@@ -34,6 +41,7 @@ mod warm_up;
 
 use std::time::{Duration, Instant};
 
+use onsite_core::own_work::is_own_pthread;
 use onsite_core::pprof::{PprofBuilder, decode, sample_stacks};
 use onsite_core::{CaptureError, CaptureOutput, NoopStopper, ProfileKind, Profiler, Stopper};
 
@@ -105,6 +113,7 @@ impl Profiler for CpuProfiler {
         Ok(Box::new(CpuStopper {
             clock,
             guard,
+            trampoline: signal_trampoline(libc::SIGPROF),
             frequency_hz: self.frequency_hz,
             flamegraph: self.flamegraph,
             cpu_before,
@@ -116,6 +125,7 @@ impl Profiler for CpuProfiler {
 struct CpuStopper {
     clock: sampling_clock::SamplingClock,
     guard: pprof::ProfilerGuard<'static>,
+    trampoline: Option<usize>,
     frequency_hz: u32,
     flamegraph: bool,
     cpu_before: Duration,
@@ -138,14 +148,37 @@ impl Stopper for CpuStopper {
         let mut builder =
             PprofBuilder::new(&[("samples", "count"), ("cpu", "nanoseconds")], ("cpu", "nanoseconds"), period_ns)
                 .time_range(out.started_at(), wall)
-                .skip_leaf_frames(is_sampler_frame);
+                .skip_leaf_frames(is_sampler_frame)
+                // Encoded before `out.write` (the flamegraph is derived from the same bytes), so
+                // the output's deadline is passed on explicitly.
+                .symbolize_until(out.symbolize_deadline());
         let mut received: i64 = 0;
+        let mut own_samples: i64 = 0;
         for (frames, &count) in &report.data {
             let ips: Vec<usize> = frames.frames.iter().map(|f| f.ip() as usize).collect();
             let count = count as i64;
             received += count;
             let thread = String::from_utf8_lossy(&frames.thread_name[..frames.thread_name_length]);
-            builder.add_addresses(&ips, &[count, count * period_ns], &[("thread", &thread)]);
+            let values = [count, count * period_ns];
+            let labels = [("thread", thread.as_ref())];
+            let ips = match interrupted_frames(&ips, self.trampoline) {
+                Ok(ips) => ips,
+                Err(reason) => {
+                    builder.add_not_walked(reason, &values, &labels);
+                    continue;
+                }
+            };
+            if is_own_pthread(frames.thread_id) {
+                own_samples += count;
+                builder.add_addresses_under("[onsite]", ips, &values, &labels);
+            } else {
+                builder.add_addresses(ips, &values, &labels);
+            }
+        }
+        if own_samples > 0 {
+            builder.comment(&format!(
+                "onsite: {own_samples} samples on onsite's own threads, under the root frame [onsite]"
+            ));
         }
 
         let expected = (cpu_used.as_secs_f64() * f64::from(self.frequency_hz)).round() as i64;
@@ -177,8 +210,42 @@ impl Stopper for CpuStopper {
     }
 }
 
-/// Frames of the sampler itself, at the leaf end of every pprof-rs stack: its SIGPROF handler,
-/// the stack walker, and the kernel's signal trampoline.
+/// The frames of the interrupted code in one pprof-rs stack (leaf first): what follows the
+/// signal trampoline, or, where its address is unknown, the whole stack (the builder then drops
+/// the sampler's frames by name). An error says why nothing is left.
+fn interrupted_frames(ips: &[usize], trampoline: Option<usize>) -> Result<&[usize], &'static str> {
+    let end = ips.iter().position(|&ip| ip == 0).unwrap_or(ips.len());
+    let ips = &ips[..end];
+    if ips.is_empty() {
+        return Err("the unwinder found no frame");
+    }
+    let Some(trampoline) = trampoline else { return Ok(ips) };
+    // The handler returns into the trampoline, so the trampoline's frame is exactly its address
+    // (a few bytes of slack for unwinders that report the call site).
+    match ips.iter().position(|&ip| ip.wrapping_sub(trampoline) < 16) {
+        Some(at) if at + 1 < ips.len() => Ok(&ips[at + 1..]),
+        Some(_) => Err("the unwinder stopped at the signal frame"),
+        None => Ok(ips),
+    }
+}
+
+/// The address of the trampoline the kernel returns to from a handler of `signal` (glibc's
+/// `__restore_rt`, its `sa_restorer`), while pprof-rs's handler is installed.
+fn signal_trampoline(signal: libc::c_int) -> Option<usize> {
+    let mut current = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a query (no new action) that fills the sigaction we own.
+    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), current.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: filled by the successful call (and zeroed before it).
+    let current = unsafe { current.assume_init() };
+    let restorer = current.sa_restorer.map_or(0, |f| f as usize);
+    (restorer != 0).then_some(restorer)
+}
+
+/// Frames of the sampler itself, at the leaf end of a pprof-rs stack whose trampoline was not
+/// found by address: its SIGPROF handler, the stack walker, and the kernel's signal trampoline.
 fn is_sampler_frame(function: &str) -> bool {
     function.starts_with("pprof::")
         || function.starts_with("<pprof::")
@@ -187,10 +254,7 @@ fn is_sampler_frame(function: &str) -> bool {
         || function.starts_with("<backtrace::")
         || function.starts_with("_Unwind_")
         || function == "__restore_rt"
-        // The kernel's signal trampoline (`__restore_rt`) has no symbol in a stripped libc. An
-        // interrupted frame without symbols right after it is dropped too; that costs a frame
-        // only for code with no symbols at all, which no profile could name anyway.
-        || function.starts_with("0x")
+        || function == "__kernel_rt_sigreturn"
 }
 
 /// An SVG flamegraph of the same samples, from the profile just encoded (one source of truth).
@@ -217,7 +281,7 @@ fn folded_stacks(profile: &onsite_core::pprof::proto::Profile) -> Vec<String> {
         .filter(|(_, sample)| sample.value[0] > 0)
         .map(|(stack, sample)| {
             // Stacks are leaf first; a flamegraph line is root first.
-            let line: Vec<&str> = stack.into_iter().rev().collect();
+            let line: Vec<_> = stack.into_iter().rev().collect();
             format!("{} {}", line.join(";").replace(' ', "\u{a0}"), sample.value[0])
         })
         .collect()

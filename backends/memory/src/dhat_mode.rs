@@ -1,6 +1,7 @@
 //! The exact mode: every allocation through `dhat::Alloc` while the capture runs.
 //!
-//! The transitions, and why they are safe (FIELD-NOTES, dhat):
+//! The transitions, and why they are safe with dhat 0.3.3 (which must see the free of every
+//! block it recorded before that address comes back to it, or an assert inside it fails):
 //!
 //! - **Start** (mode `PROBE` → `DHAT`): dhat's profiler is built first, then the mode flips.
 //!   A thread that read `OFF` and is still inside `System::alloc` returns a block dhat never

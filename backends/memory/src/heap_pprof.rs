@@ -8,6 +8,15 @@ use onsite_core::pprof::{Frame, PprofBuilder};
 pub(crate) const SAMPLE_TYPES: [(&str, &str); 4] =
     [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"), ("inuse_space", "bytes")];
 
+/// Allocation machinery, as the `drop_frames` of the profile: a reader that names a stripped
+/// service's frames later (`go tool pprof` with `PPROF_BINARY_PATH`) drops these and whatever
+/// they called, as [`is_allocator_frame`] does here. Narrower than it: pprof drops from the
+/// first match below the service's frames, so only functions that are never on the way back
+/// into service code are listed.
+const ALLOCATOR_FRAMES_REGEX: &str = "onsite_memory::.*|<onsite_memory::.*|__rustc::.*|__rust_(alloc|alloc_zeroed|realloc)\
+|__rdl_.*|__rg_.*|alloc::alloc::.*|alloc::raw_vec::.*|<alloc::raw_vec::.*|dhat::.*|<dhat::.*|backtrace::.*|<backtrace::.*\
+|framehop::.*|<framehop::.*|_Unwind_.*|malloc|calloc|realloc";
+
 /// A heap profile builder: Go's sample types, `space/bytes` period of `period` (the sampling
 /// mean, 1 when exact), and the allocator's own leaf frames dropped.
 pub(crate) fn builder(started: SystemTime, duration: Duration, period: i64) -> PprofBuilder {
@@ -15,6 +24,7 @@ pub(crate) fn builder(started: SystemTime, duration: Duration, period: i64) -> P
         .default_sample_type("inuse_space")
         .time_range(started, duration)
         .skip_leaf_frames(is_allocator_frame)
+        .drop_frames(ALLOCATOR_FRAMES_REGEX)
 }
 
 /// Whether a function is part of allocating rather than of the code that asked for memory:
@@ -52,7 +62,8 @@ pub(crate) fn is_allocator_frame(function: &str) -> bool {
 }
 
 /// Converts dhat's JSON report to pprof samples: one per program point, its frames as dhat
-/// symbolised them (innermost first; frames sharing an address are one inlined location).
+/// symbolised them (innermost first; frames sharing an address are one inlined location), each
+/// location at its address, in its real mapping.
 pub(crate) fn add_dhat_report(json: &serde_json::Value, builder: &mut PprofBuilder) -> Result<(), String> {
     let table: Vec<&str> = json
         .get("ftbl")
@@ -73,10 +84,20 @@ pub(crate) fn add_dhat_report(json: &serde_json::Value, builder: &mut PprofBuild
                 _ => stack.push((address, vec![frame])),
             }
         }
-        let stack: Vec<Vec<Frame>> = stack.into_iter().map(|(_, frames)| frames).collect();
-        builder.add_frames(&stack, &[number("tbk"), number("tb"), number("ebk"), number("eb")], &[]);
+        // dhat's own end-of-stack marker (address 0) is no frame.
+        let stack: Vec<(usize, Vec<Frame>)> = stack
+            .into_iter()
+            .map(|(address, frames)| (parse_address(&address), frames))
+            .filter(|(address, _)| *address != 0)
+            .collect();
+        builder.add_frames_at(&stack, &[number("tbk"), number("tb"), number("ebk"), number("eb")], &[]);
     }
     Ok(())
+}
+
+/// `0x55d0c1a2b3c4` → the address; 0 for anything else.
+fn parse_address(text: &str) -> usize {
+    text.strip_prefix("0x").and_then(|hex| usize::from_str_radix(hex, 16).ok()).unwrap_or(0)
 }
 
 /// Parses one of dhat's frame strings, `0x55d0c1a2b3c4: crate::function (src/file.rs:12:5)`.
@@ -119,6 +140,8 @@ mod tests {
     fn dhat_frames_parse_into_function_file_and_line() {
         let (address, frame) = parse_dhat_frame("0x55d0c1a2b3c4: demo::leak::keep (src/leak.rs:12:5)");
         assert_eq!(address, "0x55d0c1a2b3c4");
+        assert_eq!(parse_address(&address), 0x55d0c1a2b3c4);
+        assert_eq!(parse_address("???"), 0);
         assert_eq!(frame.function, "demo::leak::keep");
         assert_eq!(frame.file.as_deref(), Some("src/leak.rs"));
         assert_eq!(frame.line, 12);

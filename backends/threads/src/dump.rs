@@ -33,7 +33,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use onsite_core::pprof::symbolize;
+use onsite_core::pprof::resolve_stack;
 use onsite_core::stack_walk::{self, WalkError, Walker};
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, WrittenFile, format_utc_millis};
 
@@ -472,17 +472,32 @@ fn is_own_frame(function: &str) -> bool {
         || function.starts_with("_Unwind_")
 }
 
-/// The frames of a stack as text lines, leaf first.
+/// The frames of a stack as text lines, leaf first. A frame nothing names is written as its
+/// place in its object, `object+0xOFFSET (build id …, addr2line -e object 0xADDRESS)`, so it
+/// can be named later from an unstripped copy.
 fn write_stack(text: &mut String, ips: &[usize], skip_own_leaf_frames: bool) {
     let mut skipping = skip_own_leaf_frames;
     let mut n = 0;
-    for &ip in ips {
-        let frames = symbolize(ip);
+    for (&ip, (resolved, frames)) in ips.iter().zip(resolve_stack(ips)) {
         if skipping && frames.iter().all(|f| is_own_frame(&f.function)) {
             continue;
         }
         skipping = false;
-        for frame in frames {
+        if resolved.frames.is_empty() {
+            let _ = write!(text, "    #{n:<3} {:#x} {}", ip, frames[0].function);
+            let mut details = Vec::new();
+            if let Some(id) = &resolved.build_id {
+                details.push(format!("build id {id}"));
+            }
+            if let (Some(object), Some(at)) = (&resolved.object, resolved.object_address) {
+                details.push(format!("addr2line -e {object} {at:#x}"));
+            }
+            if !details.is_empty() {
+                let _ = write!(text, " ({})", details.join(", "));
+            }
+            text.push('\n');
+        }
+        for frame in resolved.frames {
             let _ = write!(text, "    #{n:<3} {:#x} {}", ip, frame.function);
             if let Some(file) = &frame.file {
                 let _ = write!(text, "\n           at {file}:{}", frame.line);
@@ -503,9 +518,11 @@ fn creator(stack: u32) -> Option<String> {
             || f == "pthread_create"
             || f == "__wrap_pthread_create"
     };
-    ips.iter().flat_map(|&ip| symbolize(ip)).find(|f| !plumbing(&f.function)).map(|f| match f.file {
-        Some(file) => format!("{} at {file}:{}", f.function, f.line),
-        None => f.function,
+    resolve_stack(&ips).into_iter().flat_map(|(_, frames)| frames).find(|f| !plumbing(&f.function)).map(|f| {
+        match f.file {
+            Some(file) => format!("{} at {file}:{}", f.function, f.line),
+            None => f.function,
+        }
     })
 }
 

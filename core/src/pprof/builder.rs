@@ -1,20 +1,13 @@
-use std::collections::HashMap;
-use std::ffi::c_void;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use prost::Message;
 
 use super::proto;
-
-/// An interned location, and whether it is one of the profiler's own frames.
-#[derive(Debug, Clone, Copy)]
-struct LocationId {
-    id: u64,
-    profiler_own: bool,
-}
+use crate::symbols::{self, Mappings, ObjectMapping, Resolved};
 
 /// Whether `function` (a demangled name) belongs to Rust's standard library: `core`, `alloc`,
 /// `std`, or an inherent method of a primitive type (`<u64>::wrapping_mul`, `<[T]>::chunks`).
@@ -49,59 +42,108 @@ pub struct Frame {
     pub line: u32,
 }
 
-/// Resolves one instruction pointer (a return address, as stack walkers give them) to its
-/// frames, innermost inlined function first. Never empty: an address without a symbol becomes
-/// a frame named by the address, so a sample never loses a level.
+/// Resolves one instruction pointer (a return address, as stack walkers give them) of this
+/// process to its frames, innermost inlined function first. Never empty: an address nothing
+/// names becomes one frame named after its place in its object (`object+0xADDRESS`), never
+/// after a neighbouring symbol. Reads `/proc/self/maps` on every call: to resolve many
+/// addresses, use [`resolve_stack`].
 pub fn symbolize(ip: usize) -> Vec<Frame> {
-    let mut frames = Vec::new();
-    // `backtrace::resolve` treats the address as a return address (looks up `ip - 1`), which
-    // attributes a call to the line that made it.
-    backtrace::resolve(ip as *mut c_void, |sym| {
-        let function = match sym.name() {
-            // `{:#}` drops the `::h0123abcd` hash Rust symbols carry.
-            Some(name) => format!("{name:#}"),
-            None => format!("{ip:#x}"),
-        };
-        frames.push(Frame {
-            function,
-            system_name: sym.name().and_then(|n| n.as_str().map(str::to_owned)),
-            file: sym.filename().map(|f| f.display().to_string()),
-            line: sym.lineno().unwrap_or(0),
-        });
-    });
-    if frames.is_empty() {
-        frames.push(Frame { function: format!("{ip:#x}"), system_name: None, file: None, line: 0 });
+    resolve_stack(&[ip]).pop().map(|(_, frames)| frames).unwrap_or_default()
+}
+
+/// Resolves the return addresses `ips` of this process with the shared symboliser (see
+/// [`crate::symbols::with_shared`]), each to its [`Resolved`] place and its frames (never
+/// empty, as [`symbolize`]). Honours this thread's symbolisation deadline: past it, the rest
+/// are only placed, not named.
+pub fn resolve_stack(ips: &[usize]) -> Vec<(Resolved, Vec<Frame>)> {
+    symbols::with_shared(|symbolizer| {
+        let mut mappings = symbolizer.process_mappings(false).clone();
+        if ips.iter().any(|&ip| ip != 0 && mappings.find(symbols::lookup_address(ip as u64)).is_none()) {
+            mappings = symbolizer.process_mappings(true).clone();
+        }
+        ips.iter()
+            .map(|&ip| {
+                let address = symbols::lookup_address(ip as u64);
+                let resolved = match mappings.find(address) {
+                    Some((_, mapping)) if !symbols::past_deadline() => symbolizer.resolve(mapping, address),
+                    Some((_, mapping)) => unnamed_in(mapping, address),
+                    None => unnamed(),
+                };
+                let frames = if resolved.frames.is_empty() {
+                    vec![Frame { function: resolved.address_name(address), system_name: None, file: None, line: 0 }]
+                } else {
+                    resolved.frames.clone()
+                };
+                (resolved, frames)
+            })
+            .collect()
+    })
+}
+
+fn unnamed() -> Resolved {
+    Resolved { frames: Vec::new(), object: None, object_address: None, file_offset: None, build_id: None }
+}
+
+fn unnamed_in(mapping: &ObjectMapping, address: u64) -> Resolved {
+    Resolved {
+        object: Some(mapping.object_name().to_owned()),
+        file_offset: Some(mapping.file_offset_of(address)),
+        build_id: mapping.build_id.clone(),
+        ..unnamed()
     }
-    frames
+}
+
+/// A location before the profile is built: an address to symbolise then, or frames some other
+/// tool already named (at an address, or at none: 0).
+#[derive(Debug)]
+enum PendingLocation {
+    Address(u64),
+    Frames { address: u64, frames: Vec<Frame> },
+}
+
+#[derive(Debug)]
+struct PendingSample {
+    locations: Vec<usize>,
+    values: Vec<i64>,
+    labels: Vec<proto::Label>,
 }
 
 /// Builds one `profile.proto` from samples of stacks and values.
 ///
-/// Stacks come either as raw instruction pointers (captured cheaply on a hot path and
-/// symbolised here, once per distinct address) or as frames some other tool already
-/// symbolised (pprof-rs). Stacks are leaf first, as pprof wants them.
+/// Stacks come either as raw instruction pointers (captured cheaply on a hot path) or as frames
+/// some other tool already symbolised (dhat). Stacks are leaf first, as pprof wants them.
+/// Addresses are symbolised when the profile is built, once per distinct address, with the
+/// process-wide symboliser; each location keeps its runtime address and its real mapping
+/// (`/proc/self/maps`, with file offset and build ID), so what this process cannot name (a
+/// stripped binary, a deadline passed) can be named later by `go tool pprof` with
+/// `PPROF_BINARY_PATH`, or by [`super::symbolize_offline`].
 pub struct PprofBuilder {
     strings: Vec<String>,
     string_ids: HashMap<String, i64>,
-    functions: Vec<proto::Function>,
     function_ids: HashMap<(i64, i64, i64), u64>,
-    locations: Vec<proto::Location>,
-    location_by_address: HashMap<usize, LocationId>,
-    location_by_frames: HashMap<Vec<Frame>, LocationId>,
-    samples: Vec<proto::Sample>,
+    pending: Vec<PendingLocation>,
+    by_address: HashMap<u64, usize>,
+    by_frames: HashMap<(u64, Vec<Frame>), usize>,
+    samples: Vec<PendingSample>,
     profile: proto::Profile,
     value_count: usize,
     skip_frame: Box<dyn Fn(&str) -> bool + Send>,
-    trimmed_locations: HashMap<u64, u64>,
+    deadline: Option<Instant>,
+    not_walked: BTreeMap<String, i64>,
 }
 
 impl std::fmt::Debug for PprofBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PprofBuilder")
             .field("samples", &self.samples.len())
-            .field("locations", &self.locations.len())
+            .field("locations", &self.pending.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The text of the one frame a sample whose stack could not be walked is kept under.
+pub fn not_walked_frame(reason: &str) -> String {
+    format!("[stack not walked: {reason}]")
 }
 
 impl PprofBuilder {
@@ -111,36 +153,21 @@ impl PprofBuilder {
         let mut b = PprofBuilder {
             strings: Vec::new(),
             string_ids: HashMap::new(),
-            functions: Vec::new(),
             function_ids: HashMap::new(),
-            locations: Vec::new(),
-            location_by_address: HashMap::new(),
-            location_by_frames: HashMap::new(),
+            pending: Vec::new(),
+            by_address: HashMap::new(),
+            by_frames: HashMap::new(),
             samples: Vec::new(),
             profile: proto::Profile::default(),
             value_count: sample_types.len(),
             skip_frame: Box::new(|_| false),
-            trimmed_locations: HashMap::new(),
+            deadline: None,
+            not_walked: BTreeMap::new(),
         };
         b.string(""); // string_table[0] must be "".
         b.profile.sample_type = sample_types.iter().map(|&(t, u)| b.value_type(t, u)).collect();
         b.profile.period_type = Some(b.value_type(period_type.0, period_type.1));
         b.profile.period = period;
-        let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
-        // One mapping that says "already symbolised", so `go tool pprof` does not try (and
-        // fail) to symbolise addresses itself.
-        let filename = b.string(&exe);
-        b.profile.mapping = vec![proto::Mapping {
-            id: 1,
-            memory_start: 0,
-            memory_limit: u64::MAX,
-            filename,
-            has_functions: true,
-            has_filenames: true,
-            has_line_numbers: true,
-            has_inline_frames: true,
-            ..Default::default()
-        }];
         b
     }
 
@@ -161,8 +188,26 @@ impl PprofBuilder {
     /// walker: those for which `skip` holds) at the leaf end of every stack: whole frames, and
     /// then the innermost inlined functions of the first frame kept (a lock guard's `drop`
     /// inlined into the function that unlocks), so the leaf is the service's own function.
+    /// Only named frames can match: an unnamed one ends the run.
     pub fn skip_leaf_frames(mut self, skip: impl Fn(&str) -> bool + Send + 'static) -> Self {
         self.skip_frame = Box::new(skip);
+        self
+    }
+
+    /// Stops symbolising at `deadline`: addresses not named by then are written with their
+    /// mappings only (readable later with `PPROF_BINARY_PATH`). Without it, the deadline in
+    /// force when the profile is built applies (a [`crate::CaptureOutput`] sets one around
+    /// its writes).
+    pub fn symbolize_until(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sets the profile's `drop_frames`: readers that symbolise it later (`go tool pprof`)
+    /// drop frames whose function fully matches `regex`, and every frame nearer the leaf, the
+    /// way [`PprofBuilder::skip_leaf_frames`] does for the frames named here.
+    pub fn drop_frames(mut self, regex: &str) -> Self {
+        self.profile.drop_frames = self.string(regex);
         self
     }
 
@@ -177,47 +222,72 @@ impl PprofBuilder {
         self.samples.len()
     }
 
-    /// Adds one sample whose stack is raw instruction pointers, leaf first.
+    /// Adds one sample whose stack is raw instruction pointers (return addresses), leaf first.
+    /// A 0 ends the stack (walkers mark the outermost frame so).
     pub fn add_addresses(&mut self, ips: &[usize], values: &[i64], labels: &[(&str, &str)]) {
-        let mut ids = Vec::with_capacity(ips.len());
-        for &ip in ips {
-            let id = match self.location_by_address.get(&ip) {
-                Some(&id) => id,
-                None => {
-                    let frames = symbolize(ip);
-                    let id = self.new_location(ip as u64, &frames);
-                    self.location_by_address.insert(ip, id);
-                    id
-                }
-            };
-            ids.push(id);
-        }
-        self.push_sample(ids, values, labels);
+        let locations = self.address_locations(ips);
+        self.push_sample(locations, values, labels);
+    }
+
+    /// Like [`PprofBuilder::add_addresses`], with one more frame named `root` at the root end:
+    /// work that is not the service's (`[onsite]`) stays apart from it in every view.
+    pub fn add_addresses_under(&mut self, root: &str, ips: &[usize], values: &[i64], labels: &[(&str, &str)]) {
+        let mut locations = self.address_locations(ips);
+        locations.push(self.frames_location(0, &[pseudo_frame(root)]));
+        self.push_sample(locations, values, labels);
+    }
+
+    /// Adds one sample whose stack could not be walked, under the one frame
+    /// `[stack not walked: REASON]`, and counts it per reason in the profile's comments: its
+    /// value stays in the totals without being charged to whatever frame was left.
+    pub fn add_not_walked(&mut self, reason: &str, values: &[i64], labels: &[(&str, &str)]) {
+        *self.not_walked.entry(reason.to_owned()).or_default() += 1;
+        let location = self.frames_location(0, &[pseudo_frame(&not_walked_frame(reason))]);
+        self.push_sample(vec![location], values, labels);
     }
 
     /// Adds one sample whose stack is already symbolised: one entry per physical frame, leaf
     /// first, each holding its inlined functions innermost first.
     pub fn add_frames(&mut self, stack: &[Vec<Frame>], values: &[i64], labels: &[(&str, &str)]) {
-        let mut ids = Vec::with_capacity(stack.len());
-        for frames in stack {
-            let id = match self.location_by_frames.get(frames) {
-                Some(&id) => id,
-                None => {
-                    let id = self.new_location(0, frames);
-                    self.location_by_frames.insert(frames.clone(), id);
-                    id
-                }
-            };
-            ids.push(id);
-        }
-        self.push_sample(ids, values, labels);
+        let locations = stack.iter().map(|frames| self.frames_location(0, frames)).collect();
+        self.push_sample(locations, values, labels);
     }
 
-    /// The finished profile.
+    /// Like [`PprofBuilder::add_frames`], each physical frame with the return address it was
+    /// named from (0 when unknown), so its location carries its real mapping.
+    pub fn add_frames_at(&mut self, stack: &[(usize, Vec<Frame>)], values: &[i64], labels: &[(&str, &str)]) {
+        let locations = stack
+            .iter()
+            .map(|(ip, frames)| {
+                let address = if *ip == 0 { 0 } else { symbols::lookup_address(*ip as u64) };
+                self.frames_location(address, frames)
+            })
+            .collect();
+        self.push_sample(locations, values, labels);
+    }
+
+    /// The finished profile: addresses symbolised (until the deadline), mappings read.
     pub fn build(mut self) -> proto::Profile {
-        self.profile.sample = self.samples;
-        self.profile.location = self.locations;
-        self.profile.function = self.functions;
+        let deadline = self.deadline.or_else(symbols::deadline);
+        let needs_mappings = self
+            .pending
+            .iter()
+            .any(|p| matches!(p, PendingLocation::Address(_) | PendingLocation::Frames { address: 1.., .. }));
+        let mappings = if needs_mappings {
+            // Read now, not when the capture started: objects loaded during it are included.
+            symbols::with_shared(|symbolizer| symbolizer.process_mappings(true).clone())
+        } else {
+            Mappings::default()
+        };
+        let resolved = symbols::with_deadline(deadline, || self.resolve(&mappings));
+        let locations = self.finish_locations(&mappings, resolved);
+        self.finish_samples(&locations);
+        for (reason, count) in std::mem::take(&mut self.not_walked) {
+            self.comment(&format!(
+                "{count} samples kept under {}: their stack could not be walked",
+                not_walked_frame(&reason)
+            ));
+        }
         self.profile.string_table = self.strings;
         self.profile
     }
@@ -232,55 +302,179 @@ impl PprofBuilder {
         Ok(())
     }
 
-    fn push_sample(&mut self, ids: Vec<LocationId>, values: &[i64], labels: &[(&str, &str)]) {
-        debug_assert_eq!(values.len(), self.value_count, "one value per sample type");
-        // Only a run of the profiler's own frames at the leaf end is dropped; a skippable
-        // function deeper in the stack (a callback through the allocator, say) stays.
-        let mut location_id: Vec<u64> = ids.iter().skip_while(|l| l.profiler_own).map(|l| l.id).collect();
-        if let Some(leaf) = location_id.first_mut() {
-            *leaf = self.trimmed_location(*leaf);
+    fn address_locations(&mut self, ips: &[usize]) -> Vec<usize> {
+        let end = ips.iter().position(|&ip| ip == 0).unwrap_or(ips.len());
+        ips[..end]
+            .iter()
+            .map(|&ip| {
+                let ip = ip as u64;
+                *self.by_address.entry(ip).or_insert_with(|| {
+                    self.pending.push(PendingLocation::Address(ip));
+                    self.pending.len() - 1
+                })
+            })
+            .collect()
+    }
+
+    fn frames_location(&mut self, address: u64, frames: &[Frame]) -> usize {
+        let key = (address, frames.to_vec());
+        if let Some(&index) = self.by_frames.get(&key) {
+            return index;
         }
-        let label = labels
+        self.pending.push(PendingLocation::Frames { address, frames: frames.to_vec() });
+        self.by_frames.insert(key, self.pending.len() - 1);
+        self.pending.len() - 1
+    }
+
+    fn push_sample(&mut self, locations: Vec<usize>, values: &[i64], labels: &[(&str, &str)]) {
+        debug_assert_eq!(values.len(), self.value_count, "one value per sample type");
+        let labels = labels
             .iter()
             .map(|&(k, v)| proto::Label { key: self.string(k), str: self.string(v), ..Default::default() })
             .collect();
-        self.samples.push(proto::Sample { location_id, value: values.to_vec(), label });
+        self.samples.push(PendingSample { locations, values: values.to_vec(), labels });
+    }
+
+    /// The frames of every pending address location (empty: not named), and its mapping.
+    fn resolve(&self, mappings: &Mappings) -> Vec<(Option<usize>, Vec<Frame>)> {
+        let mut skipped = 0usize;
+        let resolved = symbols::with_shared(|symbolizer| {
+            self.pending
+                .iter()
+                .map(|pending| match pending {
+                    PendingLocation::Address(ip) => {
+                        let address = symbols::lookup_address(*ip);
+                        let Some((index, mapping)) = mappings.find(address) else { return (None, Vec::new()) };
+                        if symbols::past_deadline() {
+                            skipped += 1;
+                            return (Some(index), Vec::new());
+                        }
+                        (Some(index), symbolizer.resolve(mapping, address).frames)
+                    }
+                    PendingLocation::Frames { address, .. } => (mappings.find(*address).map(|(i, _)| i), Vec::new()),
+                })
+                .collect()
+        });
+        if skipped > 0 {
+            tracing::info!(skipped, "onsite: symbolisation deadline passed; the rest is written unsymbolised");
+        }
+        resolved
+    }
+
+    /// Emits mappings (the main program's first, as pprof expects, then those locations use)
+    /// and locations; returns, per pending location, its id and whether it is the profiler's own.
+    fn finish_locations(
+        &mut self,
+        mappings: &Mappings,
+        resolved: Vec<(Option<usize>, Vec<Frame>)>,
+    ) -> Vec<(u64, bool)> {
+        let exe = std::fs::read_link("/proc/self/exe").ok().map(|p| p.display().to_string());
+        let mut order: Vec<usize> = Vec::new();
+        if let Some(exe) = &exe {
+            order.extend(mappings.iter().enumerate().filter(|(_, m)| &m.path == exe).map(|(i, _)| i));
+        }
+        for (index, _) in &resolved {
+            if let Some(i) = index
+                && !order.contains(i)
+            {
+                order.push(*i);
+            }
+        }
+        let all: Vec<&ObjectMapping> = mappings.iter().collect();
+        // Per mapping: locations, and how many have functions, files, lines.
+        let mut named = vec![(0usize, 0usize, 0usize, 0usize); all.len()];
+        let mut ids = Vec::with_capacity(self.pending.len());
+        let pending = std::mem::take(&mut self.pending);
+        for (pending, (mapping_index, frames)) in pending.into_iter().zip(resolved) {
+            let (address, frames) = match pending {
+                PendingLocation::Address(ip) => (symbols::lookup_address(ip), frames),
+                PendingLocation::Frames { address, frames } => (address, frames),
+            };
+            if let Some(i) = mapping_index {
+                let n = &mut named[i];
+                n.0 += 1;
+                n.1 += usize::from(!frames.is_empty());
+                n.2 += usize::from(!frames.is_empty() && frames.iter().all(|f| f.file.is_some()));
+                n.3 += usize::from(!frames.is_empty() && frames.iter().all(|f| f.line > 0));
+            }
+            let profiler_own = !frames.is_empty() && frames.iter().all(|f| (self.skip_frame)(&f.function));
+            let line = self.lines(&frames);
+            let id = self.profile.location.len() as u64 + 1;
+            let mapping_id = mapping_index.and_then(|i| order.iter().position(|&o| o == i)).map_or(0, |p| p as u64 + 1);
+            self.profile.location.push(proto::Location { id, mapping_id, address, line, is_folded: false });
+            ids.push((id, profiler_own));
+        }
+        for (position, &i) in order.iter().enumerate() {
+            let mapping = all[i];
+            let (locations, functions, files, lines) = named[i];
+            // Truthful per mapping, as Go's runtime sets them: a flag only when every location
+            // of the mapping has it. A reader re-symbolises a mapping with none set.
+            let every = |n: usize| locations > 0 && n == locations;
+            let filename = self.string(&mapping.path);
+            let build_id = self.string(mapping.build_id.as_deref().unwrap_or(""));
+            self.profile.mapping.push(proto::Mapping {
+                id: position as u64 + 1,
+                memory_start: mapping.start,
+                memory_limit: mapping.limit,
+                file_offset: mapping.file_offset,
+                filename,
+                build_id,
+                has_functions: every(functions),
+                has_filenames: every(files),
+                has_line_numbers: every(lines),
+                has_inline_frames: every(files),
+            });
+        }
+        ids
+    }
+
+    fn finish_samples(&mut self, locations: &[(u64, bool)]) {
+        let mut trimmed_locations: HashMap<u64, u64> = HashMap::new();
+        for sample in std::mem::take(&mut self.samples) {
+            // Only a run of the profiler's own frames at the leaf end is dropped; a skippable
+            // function deeper in the stack (a callback through the allocator, say) stays.
+            let mut location_id: Vec<u64> =
+                sample.locations.iter().map(|&i| locations[i]).skip_while(|&(_, own)| own).map(|(id, _)| id).collect();
+            if let Some(leaf) = location_id.first_mut() {
+                *leaf = self.trimmed_location(*leaf, &mut trimmed_locations);
+            }
+            self.profile.sample.push(proto::Sample { location_id, value: sample.values, label: sample.labels });
+        }
     }
 
     /// The location `id` without its innermost inlined functions that `skip_frame` matches
     /// (interned once per location; `id` itself when nothing is trimmed).
-    fn trimmed_location(&mut self, id: u64) -> u64 {
-        if let Some(&trimmed) = self.trimmed_locations.get(&id) {
+    fn trimmed_location(&mut self, id: u64, trimmed_locations: &mut HashMap<u64, u64>) -> u64 {
+        if let Some(&trimmed) = trimmed_locations.get(&id) {
             return trimmed;
         }
-        let location = &self.locations[id as usize - 1];
+        let location = &self.profile.location[id as usize - 1];
         let function_name = |function_id: u64| {
-            let name = self.functions[function_id as usize - 1].name;
+            let name = self.profile.function[function_id as usize - 1].name;
             self.strings[name as usize].as_str()
         };
         let own = location.line.iter().take_while(|l| (self.skip_frame)(function_name(l.function_id))).count();
         let trimmed = if own == 0 || own == location.line.len() {
             id
         } else {
-            let new_id = self.locations.len() as u64 + 1;
+            let new_id = self.profile.location.len() as u64 + 1;
             let new_location = proto::Location { id: new_id, line: location.line[own..].to_vec(), ..location.clone() };
-            self.locations.push(new_location);
+            self.profile.location.push(new_location);
             new_id
         };
-        self.trimmed_locations.insert(id, trimmed);
+        trimmed_locations.insert(id, trimmed);
         trimmed
     }
 
-    /// Interns a location for `frames` at `address`.
-    fn new_location(&mut self, address: u64, frames: &[Frame]) -> LocationId {
-        let profiler_own = frames.iter().all(|f| (self.skip_frame)(&f.function));
+    /// The lines of a location named `frames`, interning their functions.
+    fn lines(&mut self, frames: &[Frame]) -> Vec<proto::Line> {
         // Inlined standard-library helpers (`<u64>::wrapping_mul`, `Vec::push`, iterator
         // adapters) are folded into the function they were inlined into: the caller's line
         // still says where, and a flat profile names the service's function instead of
         // spreading its time over a dozen std one-liners. The outermost function of the frame
         // is real (it has a stack frame of its own) and always stays.
         let outermost = frames.len().saturating_sub(1);
-        let line = frames
+        frames
             .iter()
             .enumerate()
             .filter(|&(i, f)| i == outermost || !is_std_function(&f.function))
@@ -288,17 +482,19 @@ impl PprofBuilder {
                 let name = self.string(&f.function);
                 let system_name = self.string(f.system_name.as_deref().unwrap_or(&f.function));
                 let filename = self.string(f.file.as_deref().unwrap_or(""));
-                let next_id = self.functions.len() as u64 + 1;
-                let function_id = *self.function_ids.entry((name, system_name, filename)).or_insert(next_id);
-                if function_id == next_id {
-                    self.functions.push(proto::Function { id: next_id, name, system_name, filename, start_line: 0 });
-                }
+                let function_id = self.function(name, system_name, filename);
                 proto::Line { function_id, line: i64::from(f.line), column: 0 }
             })
-            .collect();
-        let id = self.locations.len() as u64 + 1;
-        self.locations.push(proto::Location { id, mapping_id: 1, address, line, is_folded: false });
-        LocationId { id, profiler_own }
+            .collect()
+    }
+
+    fn function(&mut self, name: i64, system_name: i64, filename: i64) -> u64 {
+        let next_id = self.profile.function.len() as u64 + 1;
+        let id = *self.function_ids.entry((name, system_name, filename)).or_insert(next_id);
+        if id == next_id {
+            self.profile.function.push(proto::Function { id, name, system_name, filename, start_line: 0 });
+        }
+        id
     }
 
     fn value_type(&mut self, r#type: &str, unit: &str) -> proto::ValueType {
@@ -314,6 +510,11 @@ impl PprofBuilder {
         self.string_ids.insert(s.to_owned(), id);
         id
     }
+}
+
+/// A frame that is a label rather than code (`[onsite]`, `[main thread]`).
+pub fn pseudo_frame(name: &str) -> Frame {
+    Frame { function: name.to_owned(), system_name: None, file: None, line: 0 }
 }
 
 #[cfg(test)]

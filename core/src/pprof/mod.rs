@@ -5,5 +5,5 @@ mod builder;
 pub mod proto;
 mod read;
 
-pub use builder::{Frame, PprofBuilder, is_std_function, symbolize};
-pub use read::{DecodeError, FunctionTotal, decode, function_totals, sample_stacks};
+pub use builder::{Frame, PprofBuilder, is_std_function, not_walked_frame, pseudo_frame, resolve_stack, symbolize};
+pub use read::{DecodeError, FunctionTotal, decode, function_totals, sample_stacks, symbolize_offline};

@@ -1,11 +1,14 @@
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
+use std::path::PathBuf;
 
 use flate2::read::GzDecoder;
 use prost::Message;
 
-use super::proto::{Profile, Sample};
+use super::proto::{self, Profile, Sample};
+use crate::symbols::{ObjectMapping, Symbolizer};
 
 /// A file that is not a (possibly gzip'd) `profile.proto`.
 #[derive(Debug)]
@@ -49,23 +52,114 @@ pub struct FunctionTotal {
 }
 
 /// Each sample with its stack as function names, leaf first (inlined functions innermost
-/// first, as pprof orders them): the one walk from ids to names that every reader shares.
-pub fn sample_stacks(profile: &Profile) -> Vec<(Vec<&str>, &Sample)> {
+/// first, as pprof orders them): the one walk from ids to names that every reader shares. A
+/// location without functions is named after its place, `object+0xOFFSET` (the base name of
+/// its mapping's file and the offset in that file), or its bare address outside any mapping:
+/// never after a neighbouring symbol.
+pub fn sample_stacks(profile: &Profile) -> Vec<(Vec<Cow<'_, str>>, &Sample)> {
     let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");
     let functions: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, s(f.name))).collect();
-    let locations: HashMap<u64, Vec<&str>> = profile
+    let mappings: HashMap<u64, &proto::Mapping> = profile.mapping.iter().map(|m| (m.id, m)).collect();
+    let locations: HashMap<u64, Vec<Cow<'_, str>>> = profile
         .location
         .iter()
-        .map(|l| (l.id, l.line.iter().map(|line| functions.get(&line.function_id).copied().unwrap_or("?")).collect()))
+        .map(|l| {
+            let names: Vec<Cow<'_, str>> = if l.line.is_empty() {
+                vec![Cow::Owned(match mappings.get(&l.mapping_id) {
+                    Some(m) if (m.memory_start..m.memory_limit).contains(&l.address) => {
+                        let object = object_name(s(m.filename));
+                        format!("{object}+{:#x}", l.address - m.memory_start + m.file_offset)
+                    }
+                    _ => format!("{:#x}", l.address),
+                })]
+            } else {
+                l.line
+                    .iter()
+                    .map(|line| Cow::Borrowed(functions.get(&line.function_id).copied().unwrap_or("?")))
+                    .collect()
+            };
+            (l.id, names)
+        })
         .collect();
     profile
         .sample
         .iter()
         .map(|sample| {
-            let names = sample.location_id.iter().flat_map(|id| locations.get(id).into_iter().flatten().copied());
+            let names = sample.location_id.iter().flat_map(|id| locations.get(id).into_iter().flatten().cloned());
             (names.collect(), sample)
         })
         .collect()
+}
+
+fn object_name(path: &str) -> &str {
+    path.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or(path)
+}
+
+/// Names the function-less locations of `profile` from unstripped copies of its objects, the
+/// way `go tool pprof` does with `PPROF_BINARY_PATH`: each mapping without functions is looked
+/// up in `search_path` (by build ID and file name; see [`Symbolizer::with_search_path`]) and,
+/// failing that, at its own path, and is used only when its build ID matches. Returns how many
+/// locations were named. Mappings that already have functions are left alone.
+pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usize {
+    let s = |p: &Profile, i: i64| p.string_table.get(i as usize).cloned().unwrap_or_default();
+    let mappings: HashMap<u64, ObjectMapping> = profile
+        .mapping
+        .iter()
+        .filter(|m| !m.has_functions)
+        .map(|m| {
+            let build_id = Some(s(profile, m.build_id)).filter(|b| !b.is_empty());
+            let mapping = ObjectMapping {
+                start: m.memory_start,
+                limit: m.memory_limit,
+                file_offset: m.file_offset,
+                path: s(profile, m.filename),
+                build_id,
+            };
+            (m.id, mapping)
+        })
+        .collect();
+    let mut symbolizer = Symbolizer::with_search_path(search_path.iter().cloned());
+    let mut strings: HashMap<String, i64> =
+        profile.string_table.iter().enumerate().map(|(i, s)| (s.clone(), i as i64)).collect();
+    let mut string = |table: &mut Vec<String>, text: &str| -> i64 {
+        *strings.entry(text.to_owned()).or_insert_with(|| {
+            table.push(text.to_owned());
+            table.len() as i64 - 1
+        })
+    };
+    let mut named = 0;
+    let mut named_mappings = Vec::new();
+    for index in 0..profile.location.len() {
+        let location = &profile.location[index];
+        let Some(mapping) = mappings.get(&location.mapping_id) else { continue };
+        if !location.line.is_empty() || !mapping.contains(location.address) {
+            continue;
+        }
+        // A location's address already points into its instruction (the builder stores a
+        // return address minus one), so it is looked up as it is.
+        let frames = symbolizer.resolve(mapping, location.address).frames;
+        if frames.is_empty() {
+            continue;
+        }
+        let mut lines = Vec::with_capacity(frames.len());
+        for frame in &frames {
+            let name = string(&mut profile.string_table, &frame.function);
+            let system_name =
+                string(&mut profile.string_table, frame.system_name.as_deref().unwrap_or(&frame.function));
+            let filename = string(&mut profile.string_table, frame.file.as_deref().unwrap_or(""));
+            let id = profile.function.len() as u64 + 1;
+            profile.function.push(proto::Function { id, name, system_name, filename, start_line: 0 });
+            lines.push(proto::Line { function_id: id, line: i64::from(frame.line), column: 0 });
+        }
+        let mapping_id = profile.location[index].mapping_id;
+        profile.location[index].line = lines;
+        named_mappings.push(mapping_id);
+        named += 1;
+    }
+    for mapping in profile.mapping.iter_mut().filter(|m| named_mappings.contains(&m.id)) {
+        mapping.has_functions = true;
+    }
+    named
 }
 
 /// Totals per function for the sample type named `sample_type`, by flat value, largest first
@@ -73,12 +167,12 @@ pub fn sample_stacks(profile: &Profile) -> Vec<(Vec<&str>, &Sample)> {
 pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<FunctionTotal>> {
     let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");
     let index = profile.sample_type.iter().position(|t| s(t.r#type) == sample_type)?;
-    let mut totals: HashMap<&str, (i64, i64)> = HashMap::new();
+    let mut totals: HashMap<Cow<'_, str>, (i64, i64)> = HashMap::new();
     for (stack, sample) in sample_stacks(profile) {
         let value = sample.value.get(index).copied().unwrap_or(0);
         let mut seen = Vec::new();
-        for (depth, &name) in stack.iter().enumerate() {
-            let entry = totals.entry(name).or_default();
+        for (depth, name) in stack.iter().enumerate() {
+            let entry = totals.entry(name.clone()).or_default();
             if depth == 0 {
                 entry.0 += value;
             }
@@ -90,7 +184,7 @@ pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<Funct
     }
     let mut rows: Vec<FunctionTotal> = totals
         .into_iter()
-        .map(|(function, (flat, cum))| FunctionTotal { function: function.to_owned(), flat, cum })
+        .map(|(function, (flat, cum))| FunctionTotal { function: function.into_owned(), flat, cum })
         .collect();
     rows.sort_by(|a, b| b.flat.cmp(&a.flat).then(b.cum.cmp(&a.cum)).then(a.function.cmp(&b.function)));
     Some(rows)

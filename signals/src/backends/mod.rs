@@ -2,6 +2,8 @@
 //! builder methods and `ONSITE_*` variables) and the profilers it adds to a capture. Adding a
 //! backend means adding a file here and a field below; nothing else in the crate changes.
 
+use std::time::Duration;
+
 use onsite_core::{ProfileKind, Profiler};
 
 #[cfg(feature = "cpu")]
@@ -17,9 +19,19 @@ pub(crate) mod threads;
 #[cfg(feature = "trace")]
 pub(crate) mod trace;
 
-/// Every enabled backend's settings.
-#[derive(Debug, Default, Clone)]
+/// `ONSITE_SHUTDOWN_BUDGET`: how long a capture stopped by SIGINT/SIGTERM (or by dropping the
+/// `Onsite` handle) may spend symbolising its files (default 3s). Past it, the rest is written
+/// unsymbolised, with real mappings (`go tool pprof` names it with `PPROF_BINARY_PATH`), so
+/// the process ends within its grace period.
+pub const SHUTDOWN_BUDGET_VAR: &str = "ONSITE_SHUTDOWN_BUDGET";
+
+const DEFAULT_SHUTDOWN_BUDGET: Duration = Duration::from_secs(3);
+
+/// Every enabled backend's settings, and the symbolisation budget of a shutdown that all of
+/// them share.
+#[derive(Debug, Clone)]
 pub(crate) struct Settings {
+    pub(crate) shutdown_budget: Duration,
     #[cfg(feature = "cpu")]
     pub(crate) cpu: cpu::Settings,
     #[cfg(feature = "memory")]
@@ -32,10 +44,28 @@ pub(crate) struct Settings {
     pub(crate) threads: threads::Settings,
 }
 
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            shutdown_budget: DEFAULT_SHUTDOWN_BUDGET,
+            #[cfg(feature = "cpu")]
+            cpu: Default::default(),
+            #[cfg(feature = "memory")]
+            memory: Default::default(),
+            #[cfg(any(feature = "mutex", feature = "block"))]
+            sync: Default::default(),
+            #[cfg(feature = "trace")]
+            trace: Default::default(),
+            #[cfg(feature = "threads")]
+            threads: Default::default(),
+        }
+    }
+}
+
 impl Settings {
     /// Applies each backend's `ONSITE_*` variables over what the builder set.
-    #[cfg_attr(not(feature = "cpu"), allow(unused_variables))] // a build may have no backend at all
     pub(crate) fn apply_env(&mut self, env: &mut crate::env::Reader) {
+        env.set(SHUTDOWN_BUDGET_VAR, &mut self.shutdown_budget, crate::env::parse_duration);
         #[cfg(feature = "cpu")]
         self.cpu.apply_env(env);
         #[cfg(feature = "memory")]
