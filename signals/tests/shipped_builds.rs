@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use onsite_core::ProfileKind;
 use onsite_core::pprof::proto::Profile;
-use onsite_core::pprof::{decode, function_totals, sample_stacks};
+use onsite_core::pprof::{decode, function_totals, sample_stacks, symbolize_offline};
 use onsite_core::test_support::{ChildTest, the_dump_file};
 use support::Service;
 
@@ -103,13 +103,20 @@ fn assert_no_invented_frames(profile: &Profile, what: &str) {
     for location in &profile.location {
         assert!(!(location.address == 0 && location.line.is_empty()), "{what}: a 0x0 location: {location:?}");
     }
-    const THREAD_START: [&str; 5] = ["start_thread", "clone3", "__clone3", "clone", "__clone"];
     for (stack, sample) in sample_stacks(profile) {
         assert!(
-            stack.is_empty() || !stack.iter().all(|f| THREAD_START.contains(f)),
+            stack.is_empty() || !stack.iter().all(|f| is_thread_start(f)),
             "{what}: a sample with nothing but the thread start: {stack:?} {sample:?}"
         );
     }
+}
+
+/// The frames every thread starts with below any Rust code: the C library's (named, or unnamed
+/// in a libc without symbols) and onsite's `pthread_create` trampoline.
+fn is_thread_start(function: &str) -> bool {
+    const THREAD_START: [&str; 6] =
+        ["start_thread", "clone3", "__clone3", "clone", "__clone", "onsite_threads::hook::trampoline"];
+    THREAD_START.contains(&function) || function.starts_with("libc.so")
 }
 
 /// onsite's own frames (everything but the allocator every allocation enters, which the
@@ -142,7 +149,7 @@ fn release_and_stripped_builds_name_every_culprit() {
     let (mut total, mut onsite) = (0i64, 0i64);
     for (stack, sample) in sample_stacks(&memory) {
         total += sample.value[alloc_space];
-        if stack.iter().any(|f| is_onsite_frame(f)) {
+        if stack.iter().any(|f| is_onsite_frame(f) && !is_thread_start(f)) {
             onsite += sample.value[alloc_space];
         }
     }
@@ -150,10 +157,18 @@ fn release_and_stripped_builds_name_every_culprit() {
     assert!(onsite * 100 < total, "onsite's own allocations are {onsite} of {total} bytes of alloc_space");
 
     let stripped = capture(&binaries.stripped, "stripped");
-    for (kind, sample_type, _) in CULPRITS {
-        let profile = read(&stripped, kind);
+    let unstripped_dir = binaries.release.parent().unwrap().to_owned();
+    for (kind, sample_type, culprit) in CULPRITS {
+        let mut profile = read(&stripped, kind);
         let named = service_functions(&profile, sample_type);
         assert!(named.is_empty(), "stripped {kind}: names no symbol table holds: {named:?}");
         assert_no_invented_frames(&profile, &format!("stripped {kind}"));
+        // With the unstripped binary found by build ID, the same culprit comes first.
+        assert!(
+            symbolize_offline(&mut profile, std::slice::from_ref(&unstripped_dir)) > 0,
+            "stripped {kind}: nothing named"
+        );
+        let found = service_functions(&profile, sample_type);
+        assert_eq!(found.first().map(String::as_str), Some(culprit), "stripped {kind} symbolised: {found:?}");
     }
 }

@@ -49,6 +49,13 @@ pub(crate) fn is_allocator_frame(function: &str) -> bool {
         "realloc",
     ];
     let name = function.strip_prefix('<').unwrap_or(function);
+    // A new thread's entry (std's `thread_start`, the spawn closure that calls the thread's
+    // function) is where a thread's own start-up allocations are made: named as such, they are
+    // the thread machinery's, not charged to a bare `start_thread` of the C library.
+    const THREAD_ENTRY: [&str; 3] = ["thread_start", "spawn_unchecked", "__rust_begin_short_backtrace"];
+    if THREAD_ENTRY.iter().any(|entry| name.contains(entry)) {
+        return false;
+    }
     if PREFIXES.iter().any(|p| name.starts_with(p)) {
         return true;
     }
@@ -131,7 +138,12 @@ mod tests {
         ] {
             assert!(is_allocator_frame(own), "{own}");
         }
-        for service in ["demo_mq::store::remember", "<demo_mq::Queue as core::clone::Clone>::clone", "main"] {
+        for service in [
+            "demo_mq::store::remember",
+            "<demo_mq::Queue as core::clone::Clone>::clone",
+            "main",
+            "<std::sys::thread::unix::Thread>::new::thread_start",
+        ] {
             assert!(!is_allocator_frame(service), "{service}");
         }
     }

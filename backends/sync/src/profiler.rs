@@ -134,7 +134,8 @@ impl Stopper for CaptureStopper {
         let records = self.recorder.stop().unwrap_or_default();
         let mut builder = PprofBuilder::new(&SAMPLE_TYPES, ("contentions", "count"), 1)
             .time_range(self.started, self.clock.elapsed())
-            .skip_leaf_frames(record::is_own_frame);
+            .skip_leaf_frames(record::is_own_frame)
+            .drop_frames(record::OWN_FRAMES_REGEX);
         builder.comment(&self.comment);
         if records.dropped > 0 {
             builder.comment(&format!("{} events dropped: too many distinct stacks", records.dropped));

@@ -427,6 +427,14 @@ pub(crate) fn record_contention(charge: Option<Charge>) {
     });
 }
 
+/// This crate's own machinery as the profile's `drop_frames`, for a reader that names a stripped
+/// service's frames later (`pprof` with `PPROF_BINARY_PATH`, or
+/// `onsite_core::pprof::symbolize_offline`): it drops the first of these from the root and
+/// everything it called, as [`is_own_frame`] does at the leaf end when the frames have names
+/// while the profile is written.
+pub(crate) const OWN_FRAMES_REGEX: &str = "<?onsite_sync::.*|<?lock_api::.*|<?parking_lot::.*|<?parking_lot_core::.*\
+|<?backtrace::.*|<?onsite_core::stack_walk::.*|core::ptr::drop_in_place<lock_api::.*|core::mem::drop<lock_api::.*";
+
 /// Whether a symbolised function is this crate's own machinery (or the lock_api / parking_lot
 /// / stack-walker code it runs inside), never the service's: dropped from the leaf end of
 /// every recorded stack.

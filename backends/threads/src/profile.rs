@@ -56,6 +56,14 @@ struct ThreadCreateStopper {
     without_stack_before: u64,
 }
 
+/// The same plumbing as the profile's `drop_frames`, for a reader that names a stripped
+/// service's frames later (`pprof` with `PPROF_BINARY_PATH`, `symbolize_offline`). pprof drops
+/// from the first match counted from the root, so only the functions that create a thread are
+/// listed, never the ones every thread starts in (std's `thread_start`, onsite's trampoline).
+/// A legacy symbol hash (`::h0123…`) may follow, as pprof's own demangler leaves it.
+const HOOK_FRAMES_REGEX: &str = "(?:<?std::sys::thread::[a-z_]+::Thread>?::new|std::thread::lifecycle::spawn_unchecked\
+|std::thread::Builder::spawn[a-z_]*|std::thread::spawn|pthread_create|__wrap_pthread_create)(?:<.*>)?(?:::h[0-9a-f]{16})?";
+
 /// The hook's own frames, and std's thread-spawning plumbing, at the leaf end of a creating
 /// stack: without them a stack's leaf is the code that asked for the thread.
 fn is_hook_frame(function: &str) -> bool {
@@ -101,7 +109,8 @@ impl Stopper for ThreadCreateStopper {
             PprofBuilder::new(&[("threadcreate", "count"), ("alive", "count")], ("threadcreate", "count"), 1)
                 .default_sample_type("threadcreate")
                 .time_range(self.started_at, self.started.elapsed())
-                .skip_leaf_frames(is_hook_frame);
+                .skip_leaf_frames(is_hook_frame)
+                .drop_frames(HOOK_FRAMES_REGEX);
         let mut created_total = 0;
         for (index, (&now, &before)) in created_now.iter().zip(&self.created_before).enumerate() {
             let created = (now - before) as i64;

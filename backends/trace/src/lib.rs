@@ -498,7 +498,9 @@ fn register_fork_handler() {
     ONCE.call_once(|| {
         // SAFETY: registers a child handler that only stores an atomic.
         if unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) } != 0 {
-            tracing::warn!("onsite: pthread_atfork failed; a child forked during a trace capture would record for ever");
+            tracing::warn!(
+                "onsite: pthread_atfork failed; a child forked during a trace capture would record for ever"
+            );
         }
     });
 }

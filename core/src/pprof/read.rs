@@ -96,10 +96,11 @@ fn object_name(path: &str) -> &str {
 }
 
 /// Names the function-less locations of `profile` from unstripped copies of its objects, the
-/// way `go tool pprof` does with `PPROF_BINARY_PATH`: each mapping without functions is looked
-/// up in `search_path` (by build ID and file name; see [`Symbolizer::with_search_path`]) and,
-/// failing that, at its own path, and is used only when its build ID matches. Returns how many
-/// locations were named. Mappings that already have functions are left alone.
+/// way pprof does with `PPROF_BINARY_PATH`: each mapping without functions is looked up in
+/// `search_path` (by build ID and file name; see [`Symbolizer::with_search_path`]) and, failing
+/// that, at its own path, and is used only when its build ID matches. Then, as pprof does, the
+/// profile's `drop_frames` are dropped from every sample. Returns how many locations were named.
+/// Mappings that already have functions are left alone.
 pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usize {
     let s = |p: &Profile, i: i64| p.string_table.get(i as usize).cloned().unwrap_or_default();
     let mappings: HashMap<u64, ObjectMapping> = profile
@@ -159,7 +160,42 @@ pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usiz
     for mapping in profile.mapping.iter_mut().filter(|m| named_mappings.contains(&m.id)) {
         mapping.has_functions = true;
     }
+    if named > 0 {
+        apply_drop_frames(profile);
+    }
     named
+}
+
+/// Drops the frames the profile's `drop_frames` names, as pprof does once a profile's frames
+/// have names: in each sample, the first location from the root with a function that matches
+/// the whole expression goes, with everything it called. (The writer trims its own frames by
+/// name at the leaf already when it can name them; this does it for frames named later.)
+fn apply_drop_frames(profile: &mut Profile) {
+    let pattern = profile.string_table.get(profile.drop_frames as usize).cloned().unwrap_or_default();
+    if pattern.is_empty() {
+        return;
+    }
+    let Ok(drop) = regex::Regex::new(&format!("^(?:{pattern})$")) else {
+        tracing::debug!(%pattern, "onsite: the profile's drop_frames is not a regular expression; kept every frame");
+        return;
+    };
+    let names: HashMap<u64, &str> = profile
+        .function
+        .iter()
+        .map(|f| (f.id, profile.string_table.get(f.name as usize).map_or("", String::as_str)))
+        .collect();
+    let dropped: HashMap<u64, bool> = profile
+        .location
+        .iter()
+        .map(|l| (l.id, l.line.iter().any(|line| names.get(&line.function_id).is_some_and(|n| drop.is_match(n)))))
+        .collect();
+    for sample in &mut profile.sample {
+        // Leaf first: the root's end is the last entry.
+        if let Some(from_root) = sample.location_id.iter().rev().position(|id| dropped.get(id) == Some(&true)) {
+            let keep_from = sample.location_id.len() - from_root;
+            sample.location_id.drain(..keep_from);
+        }
+    }
 }
 
 /// Totals per function for the sample type named `sample_type`, by flat value, largest first

@@ -62,7 +62,7 @@ fn main() {
                 JOBS.lock().push_back(request);
                 JOB_READY.notify_one();
             }
-            if request.is_multiple_of(512) {
+            if request.is_multiple_of(128) {
                 spawn_session_watcher(request);
             }
             std::thread::sleep(Duration::from_micros(200));

@@ -34,8 +34,8 @@ impl Settings {
     }
 
     pub(crate) fn profilers(&self) -> Vec<Box<dyn Profiler>> {
-        let cpu = onsite_cpu::CpuProfiler::new(self.frequency_hz, self.flamegraph)
-            .per_thread_timers(self.per_thread_timers);
+        let cpu =
+            onsite_cpu::CpuProfiler::new(self.frequency_hz, self.flamegraph).per_thread_timers(self.per_thread_timers);
         vec![Box::new(super::cpu_temp_dir::UsableTempDir::wrap(cpu))]
     }
 }
