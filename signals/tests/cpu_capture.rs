@@ -140,11 +140,14 @@ fn a_planted_symlink_is_not_followed_and_the_service_keeps_running() {
     let mut service = Service::start("child_busy_service", dir.path(), &cpu_only());
     let precious = dir.path().join("precious.txt");
     std::fs::write(&precious, "do not overwrite").unwrap();
-    // Plant a symlink at every name the next capture could take in the coming 3 s.
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    for ms in now_ms - 200..now_ms + 3000 {
+    // Plant a symlink at every name the next capture could take in the coming 5 s (planting
+    // itself takes a while on a loaded machine, so the window is extended until it is ahead).
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let mut ms = now_ms() - 200;
+    while ms < now_ms() + 5000 {
         let name = format!("{}-{}-cpu-{}.pprof", exe_name(), service.pid(), onsite_core::format_utc_millis(ms));
         std::os::unix::fs::symlink(&precious, dir.path().join(name)).unwrap();
+        ms += 1;
     }
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture started", DEADLINE);
