@@ -15,7 +15,7 @@ pub(crate) const SAMPLE_TYPES: [(&str, &str); 4] =
 /// into service code are listed.
 const ALLOCATOR_FRAMES_REGEX: &str = "onsite_memory::.*|<onsite_memory::.*|__rustc::.*|__rust_(alloc|alloc_zeroed|realloc)\
 |__rdl_.*|__rg_.*|alloc::alloc::.*|alloc::raw_vec::.*|<alloc::raw_vec::.*|dhat::.*|<dhat::.*|backtrace::.*|<backtrace::.*\
-|framehop::.*|<framehop::.*|_Unwind_.*|malloc|calloc|realloc";
+|framehop::.*|<framehop::.*|onsite_core::stack_walk::.*|_Unwind_.*|malloc|calloc|realloc";
 
 /// A heap profile builder: Go's sample types, `space/bytes` period of `period` (the sampling
 /// mean, 1 when exact), and the allocator's own leaf frames dropped.
@@ -32,12 +32,13 @@ pub(crate) fn builder(started: SystemTime, duration: Duration, period: i64) -> P
 /// a run of these at the leaf end of a stack is dropped, so the first frame left is the
 /// service's own function (Go's heap profile shows the caller of `new`/`make` the same way).
 pub(crate) fn is_allocator_frame(function: &str) -> bool {
-    const PREFIXES: [&str; 14] = [
+    const PREFIXES: [&str; 15] = [
         "alloc::",
         "core::",
         "std::",
         "hashbrown::",
         "onsite_memory::",
+        "onsite_core::stack_walk::",
         "onsite_core::stack_walk::",
         "dhat::",
         "backtrace::",

@@ -50,27 +50,7 @@ pub(crate) fn capture(ips: &mut [usize]) -> usize {
         }
     }
     FALLBACK_WALKS.fetch_add(1, Ordering::Relaxed);
-    libgcc_walk(ips)
-}
-
-/// The fallback: libgcc's DWARF unwinder through `backtrace`.
-#[inline(never)]
-fn libgcc_walk(ips: &mut [usize]) -> usize {
-    let mut depth = 0;
-    // SAFETY: `trace_unsynchronized` is unsafe only because it does not take backtrace's
-    // global lock; it walks this thread's own stack, and the closure neither allocates nor
-    // unwinds.
-    unsafe {
-        backtrace::trace_unsynchronized(|frame| {
-            if frame.ip().is_null() || depth == ips.len() {
-                return false; // the end of the stack, or of the buffer
-            }
-            ips[depth] = frame.ip() as usize;
-            depth += 1;
-            depth < ips.len()
-        });
-    }
-    depth
+    onsite_core::stack_walk::libgcc_walk(ips)
 }
 
 /// Builds the walker for a capture and publishes it. Called on the control thread before the

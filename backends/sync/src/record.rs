@@ -200,23 +200,7 @@ fn capture_stack(ips: &mut [usize; MAX_DEPTH]) -> usize {
     if let Some(depth) = walker::walk(ips) {
         return depth;
     }
-    let mut len = 0;
-    // SAFETY: `trace_unsynchronized` is unsafe only because it skips the crate's global lock,
-    // which serialises dbghelp on Windows. On Linux it walks with the system unwinder
-    // (`_Unwind_Backtrace`), which is thread-safe, and the callback only writes into `ips`.
-    unsafe {
-        backtrace::trace_unsynchronized(|frame| {
-            let ip = frame.ip() as usize;
-            // The walk ends on a null return address at the thread's outermost frame.
-            if ip == 0 {
-                return false;
-            }
-            ips[len] = ip;
-            len += 1;
-            len < MAX_DEPTH
-        });
-    }
-    len
+    onsite_core::stack_walk::libgcc_walk(ips)
 }
 
 /// The lock profiles' walker: built when the first of the mutex and block captures starts (on

@@ -440,26 +440,10 @@ fn ask(tids: &[i32], signal: c_int, deadline: Instant) -> Vec<Answer> {
 }
 
 /// The calling thread's own stack (an ordinary thread, not a handler): with the dump's walker,
-/// or libgcc's unwinder if it cannot finish (backtrace's lock-free entry: this thread holds no
-/// lock the unwinder needs).
+/// or libgcc's unwinder if it cannot finish.
 fn own_stack(walker: &Walker) -> Vec<usize> {
     let mut ips = vec![0usize; DEPTH];
-    let depth = walker.walk_here(0, &mut ips).unwrap_or_else(|| {
-        let mut depth = 0;
-        // SAFETY: walks this thread's own stack; the closure only writes into `ips`.
-        unsafe {
-            backtrace::trace_unsynchronized(|frame| {
-                let ip = frame.ip() as usize;
-                if ip == 0 {
-                    return false;
-                }
-                ips[depth] = ip;
-                depth += 1;
-                depth < DEPTH
-            });
-        }
-        depth
-    });
+    let depth = walker.walk_here(0, &mut ips).unwrap_or_else(|| stack_walk::libgcc_walk(&mut ips));
     ips.truncate(depth);
     ips
 }
@@ -512,7 +496,7 @@ fn write_stack(text: &mut String, ips: &[usize], skip_own_leaf_frames: bool) {
 fn creator(stack: u32) -> Option<String> {
     let ips = hook::stack(stack as usize)?;
     let plumbing = |f: &str| {
-        ["std::", "core::", "alloc::", "backtrace::", "onsite_threads::", "_Unwind_", "<"]
+        ["std::", "core::", "alloc::", "backtrace::", "onsite_threads::", "onsite_core::", "_Unwind_", "<"]
             .iter()
             .any(|p| f.starts_with(p))
             || f == "pthread_create"

@@ -118,20 +118,9 @@ unsafe fn create_hooked(
     }
     HOOK_CALLS.fetch_add(1, Ordering::Relaxed);
     let mut ips = [0usize; MAX_DEPTH];
-    let mut depth = 0;
-    // SAFETY: walking our own stack in an ordinary (not signal) context; the unsynchronized
-    // walker is what we want here: no lock of the backtrace crate inside thread creation.
-    unsafe {
-        backtrace::trace_unsynchronized(|frame| {
-            let ip = frame.ip() as usize;
-            if ip == 0 {
-                return false; // The end of the stack.
-            }
-            ips[depth] = ip;
-            depth += 1;
-            depth < MAX_DEPTH
-        });
-    }
+    // libgcc's walk, not core's `Walker`: the hook is always on, and a `Walker` pins every
+    // loaded object while it lives; this is an ordinary thread inside `pthread_create`.
+    let depth = onsite_core::stack_walk::libgcc_walk(&mut ips);
     // Until the creation is counted, the stack's entry may be pointed to by nothing else: it
     // must not be emptied meanwhile (see `compact`).
     INTERNING.fetch_add(1, Ordering::SeqCst);

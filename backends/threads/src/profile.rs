@@ -71,6 +71,7 @@ fn is_hook_frame(function: &str) -> bool {
     STD_SPAWN.iter().any(|p| function.starts_with(p))
         || function.starts_with("backtrace::")
         || function.starts_with("onsite_threads::")
+        || function.starts_with("onsite_core::stack_walk::")
         || function.starts_with("_Unwind_")
         || function == "pthread_create"
         || function == "__wrap_pthread_create"

@@ -585,19 +585,6 @@ mod tests {
 
     use super::*;
 
-    fn libgcc_walk(ips: &mut [usize]) -> usize {
-        let mut depth = 0;
-        backtrace::trace(|frame| {
-            if frame.ip().is_null() || depth == ips.len() {
-                return false;
-            }
-            ips[depth] = frame.ip() as usize;
-            depth += 1;
-            true
-        });
-        depth
-    }
-
     /// `fast` and `slow` are the same stack from the first frame `fast` shares with `slow`
     /// (each starts inside its own walker), found within `fast`'s first `fast_leaf` frames.
     fn assert_same_stack(fast: &[usize], slow: &[usize], fast_leaf: usize, what: &str) -> usize {
@@ -629,7 +616,7 @@ mod tests {
                 let mut fast_ips = [0usize; 128];
                 let fast_depth = walker.walk_here_with(&mut cache, bounds, &mut fast_ips).expect("the walk finishes");
                 let mut slow_ips = [0usize; 128];
-                let slow_depth = libgcc_walk(&mut slow_ips);
+                let slow_depth = crate::stack_walk::libgcc_walk(&mut slow_ips);
                 let what = format!("round {round}, {levels} levels");
                 let common = assert_same_stack(&fast_ips[..fast_depth], &slow_ips[..slow_depth], 3, &what);
                 assert!(common > levels, "the nesting is in the stack");
@@ -703,7 +690,7 @@ mod tests {
         // SAFETY: signals this very thread; the handler is installed.
         unsafe { libc::pthread_kill(libc::pthread_self(), signal) };
         let mut slow = [0usize; 128];
-        let slow_depth = libgcc_walk(&mut slow);
+        let slow_depth = crate::stack_walk::libgcc_walk(&mut slow);
         let stopped = HANDLER_STOPPED.load(Ordering::Acquire);
         assert!(stopped >= 0, "the handler ran");
         let depth = HANDLER_DEPTH.load(Ordering::Relaxed);

@@ -164,6 +164,31 @@ mod unsupported {
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 pub use unsupported::Walker;
 
+/// The fallback walk, for ordinary threads only: libgcc's DWARF unwinder (through the
+/// `backtrace` crate, without its global lock) over the calling thread's own stack, into `ips`
+/// leaf first; returns how many frames it wrote. Never call it from a signal handler: libgcc
+/// may take the loader's lock and, on older glibc, allocate (that is what [`Walker`] is for).
+/// It allocates nothing itself, and its own frame is `onsite_core::stack_walk::libgcc_walk`.
+#[inline(never)]
+pub fn libgcc_walk(ips: &mut [usize]) -> usize {
+    let mut depth = 0;
+    // SAFETY: `trace_unsynchronized` is unsafe only because it skips the crate's global lock
+    // (which serialises dbghelp on Windows); on Linux it walks with the system unwinder, which
+    // is thread-safe, and the closure only writes into `ips`.
+    unsafe {
+        backtrace::trace_unsynchronized(|frame| {
+            // The walk ends on a null return address at the thread's outermost frame.
+            if frame.ip().is_null() || depth == ips.len() {
+                return false;
+            }
+            ips[depth] = frame.ip() as usize;
+            depth += 1;
+            depth < ips.len()
+        });
+    }
+    depth
+}
+
 /// Caches the calling thread's stack bounds for later walks of it, signal handlers' included.
 /// Call on an ordinary thread (it asks `pthread_getattr_np`), not in a signal handler.
 pub fn note_this_thread_stack() {
