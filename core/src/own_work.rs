@@ -7,7 +7,8 @@
 //!
 //! - **onsite's threads** call [`OwnThread::register`] once, first thing. Everything they do is
 //!   onsite's: the memory sampler never samples their allocations, and the CPU profile puts
-//!   their samples under one `[onsite]` root (it finds them by thread id).
+//!   their samples under one `[onsite]` root (it finds them by `pthread_t`, as pprof-rs names
+//!   threads).
 //! - **onsite's work on a service thread** runs inside an [`OwnWork`] scope (the trace layer
 //!   forwarding a span to tracing-chrome, say): allocations made inside it are not sampled.
 //!
