@@ -407,8 +407,16 @@ impl PprofBuilder {
         for (position, &i) in order.iter().enumerate() {
             let mapping = all[i];
             let (locations, functions, files, lines) = named[i];
-            // Truthful per mapping, as Go's runtime sets them: a flag only when every location
-            // of the mapping has it. A reader re-symbolises a mapping with none set.
+            // `has_functions` says the object's symbols were read into this file: set when most
+            // of its locations got a name (the few left, in padding or a PLT stub, have no
+            // symbol to find). A stripped file names only the handful of functions it exports,
+            // so its mapping stays without the flag. pprof re-symbolises every location of a
+            // mapping with no flag set, overwriting the names already there, and Go's
+            // `go tool pprof` does that with an object reader that misnames a Rust PIE binary;
+            // so only a mapping that could not be named here is left to readers (a stripped
+            // binary, which pprof names from PPROF_BINARY_PATH). Files and lines: only when
+            // every location has them.
+            let most = |n: usize| locations > 0 && 2 * n >= locations;
             let every = |n: usize| locations > 0 && n == locations;
             let filename = self.string(&mapping.path);
             let build_id = self.string(mapping.build_id.as_deref().unwrap_or(""));
@@ -419,7 +427,7 @@ impl PprofBuilder {
                 file_offset: mapping.file_offset,
                 filename,
                 build_id,
-                has_functions: every(functions),
+                has_functions: most(functions),
                 has_filenames: every(files),
                 has_line_numbers: every(lines),
                 has_inline_frames: every(files),
