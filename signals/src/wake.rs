@@ -173,23 +173,18 @@ static REGISTERED_BEFORE: AtomicU64 = AtomicU64::new(0);
 impl OperatorSignals {
     pub(crate) fn register(toggle: Option<libc::c_int>, dump: Option<libc::c_int>) -> io::Result<Self> {
         let mut signals = OperatorSignals { ids: Vec::new() };
-        if let Some(sig) = toggle {
-            report_existing_handler(sig, "toggle", crate::vars::TOGGLE_SIGNAL);
+        let jobs: [(Option<libc::c_int>, &str, &str, &'static AtomicUsize); 2] = [
+            (toggle, "toggle", crate::vars::TOGGLE_SIGNAL, &TOGGLES),
+            (dump, "thread dump", crate::vars::DUMP_SIGNAL, &THREAD_DUMPS),
+        ];
+        for (sig, job, variable, received) in jobs {
+            let Some(sig) = sig else { continue };
+            report_existing_handler(sig, job, variable);
             // SAFETY: the action only touches an atomic and calls `wake`, all async-signal-safe.
+            // On an error `signals` is dropped, unregistering what was registered before.
             signals.ids.push(unsafe {
-                signal_hook::low_level::register(sig, || {
-                    TOGGLES.fetch_add(1, Ordering::Relaxed);
-                    wake();
-                })
-            }?);
-            REGISTERED_BEFORE.fetch_or(bit(sig), Ordering::AcqRel);
-        }
-        if let Some(sig) = dump {
-            report_existing_handler(sig, "thread dump", crate::vars::DUMP_SIGNAL);
-            // SAFETY: as above. On an error `signals` is dropped, unregistering the toggle.
-            signals.ids.push(unsafe {
-                signal_hook::low_level::register(sig, || {
-                    THREAD_DUMPS.fetch_add(1, Ordering::Relaxed);
+                signal_hook::low_level::register(sig, move || {
+                    received.fetch_add(1, Ordering::Relaxed);
                     wake();
                 })
             }?);
