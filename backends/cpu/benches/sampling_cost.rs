@@ -24,10 +24,37 @@ use onsite_core::test_support::the_dump_file;
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, ProfileKind, Profiler};
 use onsite_cpu::CpuProfiler;
 
-const ROUNDS: usize = 9;
-const ROUND: Duration = Duration::from_millis(700);
 const THREADS: usize = 2;
-const ACCURACY_RUN: Duration = Duration::from_millis(1500);
+
+/// How long each part runs. `cargo bench` passes `--bench`; `cargo test --benches` does not,
+/// and then one short pass only checks that the benchmark still runs.
+struct Lengths {
+    /// Alternating pairs of rounds in the cost part, each `round` long.
+    rounds: usize,
+    round: Duration,
+    latency_captures: usize,
+    accuracy_run: Duration,
+    /// Long enough that the light thread gets ~100 samples at 99 Hz: a per-thread CPU timer's
+    /// count is its CPU time over the period give or take the first and last period, so a
+    /// short run would measure those edges, not proportionality.
+    proportion_run: Duration,
+}
+
+const MEASURE: Lengths = Lengths {
+    rounds: 15,
+    round: Duration::from_millis(700),
+    latency_captures: 11,
+    accuracy_run: Duration::from_millis(1500),
+    proportion_run: Duration::from_secs(4),
+};
+
+const QUICK: Lengths = Lengths {
+    rounds: 1,
+    round: Duration::from_millis(50),
+    latency_captures: 2,
+    accuracy_run: Duration::from_millis(100),
+    proportion_run: Duration::from_millis(100),
+};
 
 #[inline(never)]
 fn work_unit(seed: u64) -> u64 {
@@ -47,8 +74,8 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Units of work done by `THREADS` threads in `ROUND`.
-fn run_round() -> u64 {
+/// Units of work done by `THREADS` threads in `round`.
+fn run_round(round: Duration) -> u64 {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..THREADS)
@@ -66,7 +93,7 @@ fn run_round() -> u64 {
             })
         })
         .collect();
-    std::thread::sleep(ROUND);
+    std::thread::sleep(round);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
@@ -148,18 +175,22 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a list; there is nothing to list.
     }
+    let len = if std::env::args().any(|a| a == "--bench") { &MEASURE } else { &QUICK };
+    if std::ptr::eq(len, &QUICK) {
+        println!("quick pass (no --bench): checks that the benchmark runs; its figures are not measurements");
+    }
     let profiler = |hz: u32, per_thread: bool| CpuProfiler::new(hz, false).per_thread_timers(per_thread);
     // The first profiler of the process warms pprof-rs up in the background; a service has it
     // from `install`, long before anyone signals it. `--cold` measures without that head start.
     let warm_start = !std::env::args().any(|a| a == "--cold");
     let _first = profiler(99, true);
-    if warm_start {
+    if warm_start && std::ptr::eq(len, &MEASURE) {
         std::thread::sleep(Duration::from_millis(1500));
     }
 
     println!("start latency (capture's start to its first sample, 2 busy threads, 99 Hz, per-thread timers):");
     let mut warm = Vec::new();
-    for i in 0..11 {
+    for i in 0..len.latency_captures {
         // The threads are busy before the capture starts, as a service's are when it is signalled.
         let busy = std::thread::spawn(|| busy_threads(&[1.0, 1.0], Duration::from_millis(100)));
         std::thread::sleep(Duration::from_millis(20));
@@ -174,26 +205,24 @@ fn main() {
         }
     }
     warm.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let armed: Vec<f64> = warm.iter().map(|w| w.0).collect();
+    let mut armed: Vec<f64> = warm.iter().map(|w| w.0).collect();
+    armed.sort_by(f64::total_cmp);
     println!(
-        "  later captures (10): first sample after median {:.2} ms (max {:.2}); sampling after median {:.2} ms",
-        warm[5].1,
-        warm[9].1,
-        {
-            let mut a = armed.clone();
-            a.sort_by(f64::total_cmp);
-            a[5]
-        }
+        "  later captures ({}): first sample after median {:.2} ms (max {:.2}); sampling after median {:.2} ms",
+        warm.len(),
+        warm[warm.len() / 2].1,
+        warm[warm.len() - 1].1,
+        armed[armed.len() / 2]
     );
 
-    println!("\ncompleteness: samples recorded / the busy threads' CPU time predicts ({ACCURACY_RUN:?} each)");
+    println!("\ncompleteness: samples recorded / the busy threads' CPU time predicts ({:?} each)", len.accuracy_run);
     println!("| busy threads | rate | setitimer | per-thread timers |");
     for threads in [2usize, 8] {
         for hz in [99u32, 999] {
             let mut cells = Vec::new();
             for per_thread in [false, true] {
                 let (times, profile) =
-                    capture(&mut profiler(hz, per_thread), || busy_threads(&vec![1.0; threads], ACCURACY_RUN));
+                    capture(&mut profiler(hz, per_thread), || busy_threads(&vec![1.0; threads], len.accuracy_run));
                 let by = samples_by_thread(&profile);
                 let cpu: f64 = times.iter().map(|(_, d)| d.as_secs_f64()).sum();
                 let got: i64 = times.iter().map(|(n, _)| by.get(n).copied().unwrap_or(0)).sum();
@@ -212,7 +241,8 @@ fn main() {
     for hz in [99u32, 999] {
         let mut cells = Vec::new();
         for per_thread in [false, true] {
-            let (times, profile) = capture(&mut profiler(hz, per_thread), || busy_threads(&[1.0, 0.25], ACCURACY_RUN));
+            let (times, profile) =
+                capture(&mut profiler(hz, per_thread), || busy_threads(&[1.0, 0.25], len.proportion_run));
             let by = samples_by_thread(&profile);
             let s = |i: usize| by.get(&times[i].0).copied().unwrap_or(0) as f64;
             let c = |i: usize| times[i].1.as_secs_f64();
@@ -228,18 +258,19 @@ fn main() {
     }
 
     println!(
-        "\ncost: throughput with a capture running / without ({ROUNDS} alternating pairs of {ROUND:?}, {THREADS} threads)"
+        "\ncost: throughput with a capture running / without ({} alternating pairs of {:?}, {THREADS} threads)",
+        len.rounds, len.round
     );
-    run_round(); // warm-up
+    run_round(len.round); // warm-up
     for hz in [99u32, 999] {
         for per_thread in [false, true] {
             let mut p = profiler(hz, per_thread);
             let dir = tempfile::tempdir().unwrap();
             let mut ratios = Vec::new();
-            for _ in 0..ROUNDS {
-                let baseline = run_round();
+            for _ in 0..len.rounds {
+                let baseline = run_round(len.round);
                 let stopper = p.start().unwrap();
-                let capturing = run_round();
+                let capturing = run_round(len.round);
                 stopper.stop(&CaptureOutput::new(DumpDir::new(dir.path()), CaptureStamp::now())).unwrap();
                 ratios.push(capturing as f64 / baseline as f64);
             }
@@ -247,9 +278,9 @@ fn main() {
             println!(
                 "  {hz} Hz, {}: median {:.3} (min {:.3}, max {:.3})",
                 clock_name(per_thread),
-                ratios[ROUNDS / 2],
+                ratios[len.rounds / 2],
                 ratios[0],
-                ratios[ROUNDS - 1]
+                ratios[len.rounds - 1]
             );
         }
     }

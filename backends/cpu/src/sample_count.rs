@@ -13,7 +13,8 @@
 //! One signal can stand for several expiries: above the tick rate (999 Hz on a 250 Hz kernel)
 //! a timer expires about four times between two checks, and the kernel reports the extra ones
 //! as the signal's overrun. Each expiry is recorded as one sample (pprof-rs's handler is called
-//! once per expiry, at most [`MAX_CALLS`] times per signal).
+//! once per expiry, at most [`MAX_CALLS`] times per signal; the rest stays owed to the thread's
+//! next signal).
 //!
 //! Async-signal-safe: atomics, `gettid`, `clock_gettime` once per capture, and a lock-free
 //! probe of the thread-timer table; no lock, no allocation, nothing waited for.
@@ -22,7 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::thread_timers;
 
-/// pprof-rs's handler calls per signal; expiries past this are counted, not recorded.
+/// pprof-rs's handler calls per signal (it bounds the time one signal holds the gate); a
+/// thread's expiries past this wait for its next signal.
 pub(crate) const MAX_CALLS: u64 = 32;
 
 type SigAction = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
@@ -53,7 +55,8 @@ pub(crate) struct SampleCounts {
     pub(crate) carried: u64,
     /// Expiries that met another thread's handler and could not be carried (no own timer slot).
     pub(crate) overlap_lost: u64,
-    /// Expiries past the per-signal limit of calls into pprof-rs.
+    /// Expiries past the per-signal limit of calls into pprof-rs, of a thread with no slot to
+    /// keep them for its next signal.
     pub(crate) over_cap: u64,
     /// `CLOCK_MONOTONIC` of the first signal, if any arrived.
     pub(crate) first_sample_ns: Option<u64>,
@@ -148,13 +151,18 @@ extern "C" fn on_sigprof(signal: libc::c_int, info: *mut libc::siginfo_t, contex
         };
         return;
     }
-    if let Some(slot) = slot {
-        let owed = u64::from(slot.owed.swap(0, Ordering::Relaxed));
-        CARRIED.fetch_add(owed, Ordering::Relaxed);
-        expiries += owed;
-    }
-    let calls = expiries.min(MAX_CALLS);
-    OVER_CAP.fetch_add(expiries - calls, Ordering::Relaxed);
+    let owed = slot.map_or(0, |slot| u64::from(slot.owed.swap(0, Ordering::Relaxed)));
+    let due = expiries + owed;
+    let calls = due.min(MAX_CALLS);
+    // Past the limit the rest stays owed to the thread's next signal, so a thread that kept
+    // meeting the gate taken catches up over a few signals instead of losing the excess; only
+    // a thread without a slot has nowhere to keep it.
+    match slot {
+        Some(slot) => slot.owed.fetch_add((due - calls) as u32, Ordering::Relaxed),
+        None => OVER_CAP.fetch_add(due - calls, Ordering::Relaxed) as u32,
+    };
+    // The owed expiries are recorded first, so those recorded late are the owed ones in `calls`.
+    CARRIED.fetch_add(owed.min(calls), Ordering::Relaxed);
     // SAFETY: the address was pprof-rs's `sa_sigaction` (SA_SIGINFO), with this signature.
     let handler = unsafe { std::mem::transmute::<usize, SigAction>(handler) };
     for _ in 0..calls {

@@ -139,7 +139,7 @@ impl ClockReport {
         let undelivered = (expected - expiries).max(0);
         let dropped_by_pprof = (c.passed as i64 - recorded).max(0);
         let owed_lost = self.timers.as_ref().map_or(0, |t| t.owed_lost) as i64;
-        let overlap_lost = c.overlap_lost as i64 + owed_lost;
+        let overlap_lost = c.overlap_lost as i64;
         lines.push(format!(
             "onsite: {recorded} samples recorded of about {expected} the process's CPU time predicts ({:.1}%)",
             pct(recorded)
@@ -153,11 +153,13 @@ impl ClockReport {
         lines.push(format!(
             "onsite: dropped after delivery: {dropped_by_pprof} by pprof-rs's handler (stack in the unwinder, \
              loader or vDSO, or its lock busy), {overlap_lost} overlapping another thread's sample with nowhere \
-             to carry them, {} past {} per signal; {} were recorded late, at their thread's next sample, after \
-             overlapping another thread's",
+             to carry them, {} past {} per signal with nowhere to carry them, {owed_lost} still owed when their \
+             thread ended or the capture stopped; {} were recorded late, at their thread's next sample, after \
+             overlapping another thread's or past {} per signal",
             c.over_cap,
             sample_count::MAX_CALLS,
-            c.carried
+            c.carried,
+            sample_count::MAX_CALLS
         ));
         let missing = expected - recorded;
         if expected > 0 && missing * 10 > expected {
@@ -167,6 +169,7 @@ impl ClockReport {
                 undelivered,
                 dropped_by_pprof,
                 overlap_lost,
+                owed_lost,
                 "onsite: more than 10% of CPU samples are missing"
             );
         } else {
