@@ -112,6 +112,20 @@ impl Service {
         )
     }
 
+    /// What the service printed on stdout so far.
+    pub fn stdout_text(&self) -> String {
+        self.child.stdout()
+    }
+
+    /// Waits until the service's stdout contains `text`.
+    pub fn wait_until_stdout(&self, text: &str, deadline: Duration) {
+        self.wait_until(
+            deadline,
+            || format!("the child never printed {text:?}; its log:\n{}", self.log_text()),
+            || self.child.stdout().contains(text).then_some(()),
+        );
+    }
+
     /// Waits until the log contains `text`.
     pub fn wait_for_log(&self, text: &str, deadline: Duration) {
         self.wait_for_log_count(text, 1, deadline);
