@@ -107,6 +107,10 @@ pub fn memory_bytes() -> usize {
     std::mem::size_of_val(&STACK_TABLE) + std::mem::size_of_val(&RING)
 }
 
+fn new_walker() -> *mut Walker {
+    Box::into_raw(Box::new(Walker::new(WALKER_CACHES)))
+}
+
 /// A running flight recorder. Dropping it (or [`FlightRecorder::stop`]) deletes its timers
 /// and joins its thread.
 #[derive(Debug)]
@@ -140,8 +144,7 @@ impl FlightRecorder {
             return Err(RecorderError("a CPU flight recorder already runs in this process".into()));
         }
         let slot_ns = (window.as_nanos() / (RING_SLOTS as u128 - 1)).clamp(1_000_000, u128::from(u64::MAX)) as u64;
-        let walker = Box::into_raw(Box::new(Walker::new(WALKER_CACHES)));
-        WALKER.store(walker, Ordering::Release);
+        WALKER.store(new_walker(), Ordering::Release);
         if let Some((low, top)) = onsite_core::stack_walk::main_thread_stack() {
             MAIN_STACK[0].store(low, Ordering::Relaxed);
             MAIN_STACK[1].store(top, Ordering::Relaxed);
@@ -200,7 +203,7 @@ impl FlightRecorder {
         let walker = WALKER.swap(std::ptr::null_mut(), Ordering::AcqRel);
         PAUSED.store(false, Ordering::SeqCst);
         if !walker.is_null() {
-            // SAFETY: made by Box::into_raw in `start`; no handler holds it (paused above).
+            // SAFETY: made by Box::into_raw in `new_walker`; no handler holds it (paused above).
             drop(unsafe { Box::from_raw(walker) });
         }
         sample_count::release_if_alone();
@@ -466,7 +469,7 @@ fn rotate(timers: ThreadTimers, slot_ns: u64, stop: &(Mutex<bool>, Condvar)) {
         }
         prepare(current + 1);
         let outside = OUTSIDE_KNOWN_CODE.load(Ordering::Relaxed);
-        let new_walker = (outside != outside_seen).then(|| Box::into_raw(Box::new(Walker::new(WALKER_CACHES))));
+        let new_walker = (outside != outside_seen).then(new_walker);
         outside_seen = outside;
         pause_handlers();
         STACK_TABLE.retain(|index| RING.iter().any(|s| s.counts[index].load(Ordering::Relaxed) != 0), |_| {});
