@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use onsite_core::ProfileKind::{Cpu, CpuBefore};
 use onsite_core::pprof::{decode, function_totals, proto::Profile};
-use onsite_core::test_support::{dump_files, role};
+use onsite_core::test_support::dump_files;
 use support::Service;
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -38,11 +38,7 @@ fn work_during_the_capture() -> u64 {
 #[test]
 #[ignore = "child process role"]
 fn child_burst_then_quiet() {
-    if role().as_deref() != Some("child_burst_then_quiet") {
-        return;
-    }
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
-    let _onsite = onsite::install().unwrap();
+    let Some(_onsite) = support::install_as_role("child_burst_then_quiet") else { return };
     // The recorder starts on onsite's control thread; the burst is for it to see.
     let deadline = Instant::now() + Duration::from_secs(60);
     while onsite_cpu::flight_recorder::timers_armed() == 0 && Instant::now() < deadline {
@@ -151,11 +147,7 @@ fn a_burst_that_ended_before_the_capture_is_in_cpu_before_and_not_in_the_capture
 #[test]
 #[ignore = "child process role"]
 fn child_threads_come_and_go() {
-    if role().as_deref() != Some("child_threads_come_and_go") {
-        return;
-    }
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
-    let _onsite = onsite::install().unwrap();
+    let Some(_onsite) = support::install_as_role("child_threads_come_and_go") else { return };
     support::announce_ready();
     #[inline(never)]
     fn nested(depth: u32) -> u64 {

@@ -77,31 +77,59 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// One busy thread's count of work units, on a cache line of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Units(AtomicU64);
+
+/// `THREADS` threads doing work units until stopped, each publishing its own count.
+struct BusyThreads {
+    stop: Arc<AtomicBool>,
+    units: Vec<Arc<Units>>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl BusyThreads {
+    fn start() -> BusyThreads {
+        let stop = Arc::new(AtomicBool::new(false));
+        let units: Vec<Arc<Units>> = (0..THREADS).map(|_| Arc::default()).collect();
+        let threads = units
+            .iter()
+            .enumerate()
+            .map(|(t, units)| {
+                let (stop, units) = (Arc::clone(&stop), Arc::clone(units));
+                std::thread::spawn(move || {
+                    let (mut n, mut acc) = (0u64, t as u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        acc = work_unit(acc);
+                        n += 1;
+                        units.0.store(n, Ordering::Relaxed);
+                    }
+                    std::hint::black_box(acc);
+                    n
+                })
+            })
+            .collect();
+        BusyThreads { stop, units, threads }
+    }
+
+    /// Units done so far.
+    fn units(&self) -> u64 {
+        self.units.iter().map(|u| u.0.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Stops the threads; the units they did in all.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.into_iter().map(|t| t.join().unwrap()).sum()
+    }
+}
+
 /// Units of work done by `THREADS` threads in `round`.
 fn run_round(round: Duration) -> u64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                let mut acc = t as u64;
-                while !stop.load(Ordering::Relaxed) {
-                    acc = work_unit(acc);
-                    n += 1;
-                }
-                std::hint::black_box(acc);
-                done.fetch_add(n, Ordering::Relaxed);
-            })
-        })
-        .collect();
+    let busy = BusyThreads::start();
     std::thread::sleep(round);
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    done.load(Ordering::Relaxed)
+    busy.stop()
 }
 
 /// Busy threads named `busy-N`, each busy `duty` of the time (in 4 ms slices), for `run`;
@@ -314,25 +342,11 @@ fn recorder_cost(len: &Lengths) {
         len.rounds,
         len.round
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
-            std::thread::spawn(move || {
-                let mut acc = t as u64;
-                while !stop.load(Ordering::Relaxed) {
-                    acc = work_unit(acc);
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                std::hint::black_box(acc);
-            })
-        })
-        .collect();
+    let busy = BusyThreads::start();
     let slice = || {
-        let (units, cpu) = (done.load(Ordering::Relaxed), process_cpu());
+        let (units, cpu) = (busy.units(), process_cpu());
         std::thread::sleep(len.round);
-        (done.load(Ordering::Relaxed) - units) as f64 / (process_cpu() - cpu).as_secs_f64()
+        (busy.units() - units) as f64 / (process_cpu() - cpu).as_secs_f64()
     };
     slice(); // warm-up
     let mut ratios = Vec::new();
@@ -345,10 +359,7 @@ fn recorder_cost(len: &Lengths) {
         recorder.stop();
         ratios.push(with / without);
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    busy.stop();
     ratios.sort_by(f64::total_cmp);
     println!(
         "  median {:.4} (min {:.4}, max {:.4}); {armed} threads armed",

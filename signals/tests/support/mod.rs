@@ -192,6 +192,16 @@ pub fn spawn_allocating_threads(n: usize) {
     }
 }
 
+/// In the child playing `name`: logs to stderr and installs onsite (from the environment).
+/// `None` in any other process, where the role's test has nothing to do.
+pub fn install_as_role(name: &str) -> Option<onsite::Onsite> {
+    if onsite_core::test_support::role().as_deref() != Some(name) {
+        return None;
+    }
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
+    Some(onsite::install().unwrap())
+}
+
 /// The service body shared by child roles: log to stderr, install onsite, say ready, burn CPU.
 pub fn run_service(allocating_threads: usize) -> ! {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
