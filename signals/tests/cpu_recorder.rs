@@ -184,8 +184,10 @@ fn status_field(name: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Anonymous resident memory: the binary's own pages (file-backed, paged in as code runs
+/// for the first time) are not what the recorder could add.
 fn rss_kib() -> u64 {
-    status_field("VmRSS:")
+    status_field("RssAnon:")
 }
 
 fn threads_now() -> u64 {
