@@ -90,7 +90,7 @@ pub fn churn_with_reallocs(seed: usize, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let size = 1 + (i >> 33) % 3000;
-        if (i >> 12) % 64 == 0 {
+        if (i >> 12).is_multiple_of(64) {
             let block = Box::new(PageAligned([i as u8; 64]));
             assert_eq!(std::ptr::from_ref(&*block) as usize % 4096, 0, "a page-aligned block is page-aligned");
             aligned.push(block);
