@@ -92,8 +92,8 @@ impl Profiler for MemoryProfiler {
     }
 
     fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
-        match crate::claim_and_probe() {
-            Ok(()) => {}
+        let inner = match crate::claim_and_probe() {
+            Ok(inner) => inner,
             Err(true) if crate::MODE.load(std::sync::atomic::Ordering::SeqCst) == crate::mode::FORKED => {
                 return Err(CaptureError::new(
                     ProfileKind::Memory,
@@ -108,11 +108,29 @@ impl Profiler for MemoryProfiler {
                      onsite::memory::Allocator as #[global_allocator] to capture memory",
                 ));
             }
-        }
+        };
         // The mode is PROBE here and this capture owns it.
         Ok(match self.mode {
+            MemoryMode::Dhat if !inner.is_system() => {
+                crate::release_claim();
+                return Err(dhat_needs_system(inner.name()));
+            }
             MemoryMode::Dhat => Box::new(dhat_mode::start()),
-            MemoryMode::Sampled => Box::new(sampled::start(self.sample_bytes)),
+            MemoryMode::Sampled => Box::new(sampled::start(self.sample_bytes, inner)),
         })
     }
+}
+
+/// Why a dhat capture refuses to start over `inner`: dhat allocates and frees through `System`,
+/// so a block the inner allocator handed out before the capture would be freed through
+/// `System` during it (and a block dhat handed out freed through the inner one after it).
+fn dhat_needs_system(inner: &str) -> CaptureError {
+    CaptureError::new(
+        ProfileKind::Memory,
+        format!(
+            "the dhat memory mode needs onsite::memory::Allocator over std::alloc::System (dhat allocates \
+             and frees through it), but this program's global allocator is onsite::memory::Allocator over \
+             {inner}: no memory capture; use ONSITE_MEMORY_MODE=sampled, which works over {inner}"
+        ),
+    )
 }

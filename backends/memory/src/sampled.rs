@@ -39,13 +39,13 @@
 //!   was sampled takes the counted (`in_flight`) path that updates the tables.
 //! - **Full tables** drop the sample (counted, logged and written as a profile comment) rather
 //!   than block or allocate.
-//! - **Stop**: the mode goes to `DRAINING` (everything to `System`, and no other capture can
+//! - **Stop**: the mode goes to `DRAINING` (everything to the inner allocator, and no other capture can
 //!   start), then the stop waits for calls already inside the tables (counted in `in_flight`,
 //!   only on the rare paths: a sample, or the free of a sampled block). After that the tables
 //!   are quiet; they are read and the file written, then the walker goes and the mode is
 //!   `OFF`. The tables are cleared at the next start.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
@@ -129,9 +129,9 @@ thread_local! {
     static THREAD: ThreadSampler = const { ThreadSampler::new() };
 }
 
-/// Starts a sampled capture; the caller has claimed the mode (it is `PROBE`). The mean is
-/// limited to `1..=MAX_MEAN_BYTES`.
-pub(crate) fn start(mean_bytes: u64) -> SampledStopper {
+/// Starts a sampled capture over the global allocator's `inner` allocator; the caller has
+/// claimed the mode (it is `PROBE`). The mean is limited to `1..=MAX_MEAN_BYTES`.
+pub(crate) fn start(mean_bytes: u64, inner: &'static crate::Inner) -> SampledStopper {
     let mean_bytes = mean_bytes.clamp(1, MAX_MEAN_BYTES);
     if DIRTY.swap(false, Ordering::SeqCst) {
         clear_tables();
@@ -144,6 +144,7 @@ pub(crate) fn start(mean_bytes: u64) -> SampledStopper {
     stack_walk::install();
     let stopper = SampledStopper {
         mean_bytes,
+        inner,
         started: SystemTime::now(),
         clock: Instant::now(),
         sampling: true,
@@ -200,15 +201,15 @@ pub(crate) fn count_down(word: u32, size: usize) -> bool {
     })
 }
 
-/// An allocation [`count_down`] did not settle: maybe sampled.
+/// An allocation [`count_down`] did not settle: maybe sampled. The block comes from `inner`.
 ///
 /// # Safety
 /// As `GlobalAlloc::alloc`.
 #[inline(never)]
-pub(crate) unsafe fn alloc_past_budget(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+pub(crate) unsafe fn alloc_past_budget<A: GlobalAlloc>(inner: &A, word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
     let sampled = take_sample(word, layout.size());
     // SAFETY: forwarded as received.
-    let ptr = unsafe { crate::routed::system_alloc(layout, zeroed) };
+    let ptr = unsafe { crate::routed::inner_alloc(inner, layout, zeroed) };
     if sampled {
         if !ptr.is_null() {
             record(word, ptr as usize, layout.size());
@@ -219,11 +220,13 @@ pub(crate) unsafe fn alloc_past_budget(word: u32, layout: Layout, zeroed: bool) 
 }
 
 /// A realloc [`count_down`] did not settle (the old block is already forgotten): maybe sampled.
+/// `inner`'s own `realloc` moves or grows the block.
 ///
 /// # Safety
 /// As `GlobalAlloc::realloc`.
 #[inline(never)]
-pub(crate) unsafe fn realloc_past_budget(
+pub(crate) unsafe fn realloc_past_budget<A: GlobalAlloc>(
+    inner: &A,
     word: u32,
     ptr: *mut u8,
     layout: Layout,
@@ -232,7 +235,7 @@ pub(crate) unsafe fn realloc_past_budget(
 ) -> *mut u8 {
     let sampled = take_sample(word, new_size);
     // SAFETY: forwarded as received.
-    let new = unsafe { System.realloc(ptr, layout, new_size) };
+    let new = unsafe { inner.realloc(ptr, layout, new_size) };
     if new.is_null() {
         if let Some(forgotten) = forgotten {
             restore(ptr, forgotten);
@@ -279,7 +282,7 @@ fn take_sample(word: u32, size: usize) -> bool {
 }
 
 /// Called for every free (and the old block of every realloc) while sampling, before the block
-/// goes back to `System`. Returns the live-table entry it removed, if the block was sampled:
+/// goes back to the inner allocator. Returns the live-table entry it removed, if the block was sampled:
 /// a realloc that fails puts it back (the old block is then still the caller's).
 #[inline(always)]
 pub(crate) fn on_free(ptr: *mut u8) -> Option<Forgotten> {
@@ -445,6 +448,7 @@ fn scale(count: u64, bytes: u64, mean: u64) -> (i64, i64) {
 #[derive(Debug)]
 pub(crate) struct SampledStopper {
     mean_bytes: u64,
+    inner: &'static crate::Inner,
     started: SystemTime,
     clock: Instant,
     sampling: bool,
@@ -453,8 +457,8 @@ pub(crate) struct SampledStopper {
 }
 
 impl SampledStopper {
-    /// Ends sampling. The mode goes to `DRAINING`, not `OFF`: every call goes to `System`,
-    /// and no other capture can claim the allocator (and clear the tables) while this one
+    /// Ends sampling. The mode goes to `DRAINING`, not `OFF`: every call goes to the inner
+    /// allocator, and no other capture can claim the allocator (and clear the tables) while this one
     /// reads them. Then waits until no call is left inside the tables.
     fn end_sampling(&mut self) {
         if self.sampling && !self.fork.in_forked_child() {
@@ -496,6 +500,7 @@ impl Stopper for SampledStopper {
             "onsite memory capture, mode sampled: one sample per {} bytes allocated on average, scaled",
             self.mean_bytes
         ));
+        builder.comment(&format!("allocator: onsite_memory::Allocator over {}", self.inner.name()));
         let samples: u64 = SITE_COUNTS.iter().map(|counts| counts.alloc_count.load(Ordering::Relaxed)).sum();
         let libgcc_walks = stack_walk::fallback_walks().min(samples);
         builder.comment(&format!(
