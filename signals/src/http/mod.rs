@@ -38,6 +38,8 @@ pub(crate) const TOKEN_VAR: &str = "ONSITE_HTTP_TOKEN";
 pub const MAX_CONNECTIONS: usize = 64;
 /// The most bytes a request (line and headers; no body is accepted) may have.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// The most bytes of a symbol lookup's body (a list of addresses, read and dropped).
+pub const MAX_SYMBOL_BODY_BYTES: usize = 1024 * 1024;
 /// How long a client has, from connecting, to send its whole request header.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client has to read the answer once it is ready.

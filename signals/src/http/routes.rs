@@ -108,6 +108,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        411 => "Length Required",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -189,6 +190,10 @@ pub(super) fn route(target: &str, max: Duration) -> Action {
             return Action::Respond(Response::text(200, line));
         }
         "threads" => return Action::Pull(PullWhat::ThreadDump),
+        // pprof asks here for names of addresses in mappings without function names. Every
+        // address onsite could name is named in the profile already (the same symbols, in this
+        // process), so the answer names none; `num_symbols: 1` is Go's "lookups are served".
+        "symbol" => return Action::Respond(Response::text(200, "num_symbols: 1")),
         "goroutine" => {
             return match param(query, "debug") {
                 Some("1" | "2") => Action::Pull(PullWhat::ThreadDump),

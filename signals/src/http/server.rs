@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::control::{Command, Pull, PullWhat, Pulled};
 
 use super::routes::{Action, Response, route};
-use super::{HEADER_TIMEOUT, Listen, MAX_CONNECTIONS, MAX_REQUEST_BYTES, WRITE_TIMEOUT};
+use super::{HEADER_TIMEOUT, Listen, MAX_CONNECTIONS, MAX_REQUEST_BYTES, MAX_SYMBOL_BODY_BYTES, WRITE_TIMEOUT};
 
 /// The running listener. [`Server::shutdown`] stops and joins its thread.
 pub(crate) struct Server {
@@ -106,6 +106,9 @@ impl Server {
 enum State {
     /// Reading the request header, until `deadline`.
     Reading { buf: Vec<u8>, deadline: Instant },
+    /// Reading and dropping `left` more bytes of a request body (the symbol lookup's), then
+    /// answering `then`, until `deadline`. Read whole so closing cannot reset the answer.
+    Draining { left: usize, then: Option<Response>, deadline: Instant },
     /// The control thread records `what`; its answer comes through `Loop::answers`.
     Waiting { what: PullWhat },
     /// Writing the answer, until `deadline`.
@@ -123,7 +126,9 @@ struct Conn {
 impl Conn {
     fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::Reading { deadline, .. } | State::Writing { deadline, .. } => Some(*deadline),
+            State::Reading { deadline, .. } | State::Draining { deadline, .. } | State::Writing { deadline, .. } => {
+                Some(*deadline)
+            }
             State::Waiting { .. } => None,
         }
     }
@@ -164,7 +169,7 @@ impl Loop {
             fds.push(pollfd(self.wake_reader.as_raw_fd(), libc::POLLIN));
             for conn in &self.conns {
                 let events = match conn.state {
-                    State::Reading { .. } => libc::POLLIN,
+                    State::Reading { .. } | State::Draining { .. } => libc::POLLIN,
                     State::Waiting { .. } => libc::POLLRDHUP,
                     State::Writing { .. } => libc::POLLOUT,
                 };
@@ -299,6 +304,29 @@ impl Loop {
                 }
                 Next::Keep
             }
+            State::Draining { left, then, deadline } => {
+                if revents != 0 {
+                    let mut chunk = [0u8; 4096];
+                    while *left > 0 {
+                        match (&conn.stream).read(&mut chunk[..(*left).min(4096)]) {
+                            Ok(0) => return Next::Close,
+                            Ok(n) => *left -= n,
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(_) => return Next::Close,
+                        }
+                    }
+                }
+                if *left == 0 {
+                    let response = then.take().unwrap_or_else(|| Response::text(500, "onsite: lost answer"));
+                    conn.respond(response);
+                    return Next::Keep;
+                }
+                if now >= *deadline {
+                    return Next::Close;
+                }
+                Next::Keep
+            }
             State::Waiting { .. } => {
                 if revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
                     tracing::info!(peer = %conn.peer, "onsite: HTTP client went away; stopping its capture");
@@ -354,6 +382,21 @@ impl Loop {
             self.conns[i].respond(Response::unauthorized());
             return Next::Keep;
         }
+        if request.method_is_post {
+            // Only the symbol lookup takes a body; its addresses were named in the profile
+            // already where onsite could, so its answer names none (see `routes`).
+            let response = match request.target.split('?').next() {
+                Some("/debug/pprof/symbol") => route(&request.target, self.max),
+                _ => {
+                    Action::Respond(Response::text(405, "onsite: only GET is served here").with("Allow", "GET".into()))
+                }
+            };
+            let Action::Respond(response) = response else { return Next::Close };
+            let left = request.body_len.saturating_sub(request.body_read);
+            let deadline = Instant::now() + HEADER_TIMEOUT;
+            self.conns[i].state = State::Draining { left, then: Some(response), deadline };
+            return self.turn(i, 0, Instant::now());
+        }
         match route(&request.target, self.max) {
             Action::Respond(response) => self.conns[i].respond(response),
             Action::Pull(what) => {
@@ -401,6 +444,10 @@ fn read_some(mut stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
 struct Request {
     target: String,
     bearer: Option<String>,
+    method_is_post: bool,
+    /// The body's length (POST only), and how much of it came with the header.
+    body_len: usize,
+    body_read: usize,
 }
 
 enum Parsed {
@@ -420,19 +467,33 @@ fn parse(buf: &[u8]) -> Option<Parsed> {
         Ok(httparse::Status::Partial) => None,
         Err(httparse::Error::TooManyHeaders) => bad(431, "too many request headers"),
         Err(e) => bad(400, &format!("malformed request: {e}")),
-        Ok(httparse::Status::Complete(_)) => {
-            if request.method != Some("GET") {
-                return Some(Parsed::Bad(
-                    Response::text(405, "onsite: only GET is served").with("Allow", "GET".into()),
-                ));
-            }
+        Ok(httparse::Status::Complete(header_len)) => {
+            let method_is_post = match request.method {
+                Some("GET") => false,
+                Some("POST") => true,
+                _ => {
+                    return Some(Parsed::Bad(
+                        Response::text(405, "onsite: only GET is served").with("Allow", "GET".into()),
+                    ));
+                }
+            };
             let mut bearer = None;
+            let mut body_len = 0;
             for header in request.headers.iter() {
                 let name = header.name;
-                if name.eq_ignore_ascii_case("transfer-encoding")
-                    || (name.eq_ignore_ascii_case("content-length") && header.value.trim_ascii() != b"0")
-                {
-                    return bad(413, "a request here carries no body");
+                if name.eq_ignore_ascii_case("transfer-encoding") {
+                    return bad(411, "a request body needs a Content-Length");
+                }
+                if name.eq_ignore_ascii_case("content-length") {
+                    let len = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+                    match len {
+                        Some(n) if n > 0 && !method_is_post => return bad(413, "a GET here carries no body"),
+                        Some(n) if n > MAX_SYMBOL_BODY_BYTES => {
+                            return bad(413, &format!("a request body may have at most {MAX_SYMBOL_BODY_BYTES} bytes"));
+                        }
+                        Some(n) => body_len = n,
+                        None => return bad(400, "Content-Length is not a number"),
+                    }
                 }
                 if name.eq_ignore_ascii_case("authorization") {
                     let value = String::from_utf8_lossy(header.value).into_owned();
@@ -443,7 +504,8 @@ fn parse(buf: &[u8]) -> Option<Parsed> {
                 }
             }
             let target = request.path.unwrap_or("/").to_owned();
-            Some(Parsed::Request(Request { target, bearer }))
+            let body_read = buf.len() - header_len;
+            Some(Parsed::Request(Request { target, bearer, method_is_post, body_len, body_read }))
         }
     }
 }
@@ -471,8 +533,10 @@ mod tests {
             parsed("GET /debug/pprof/heap?seconds=3 HTTP/1.1\r\nAuthorization: Bearer abc \r\n\r\n"),
             Some(Ok(("/debug/pprof/heap?seconds=3".into(), Some("abc".into()))))
         );
-        assert_eq!(parsed("POST /debug/pprof/ HTTP/1.1\r\n\r\n"), Some(Err(405)));
+        assert_eq!(parsed("PUT /debug/pprof/ HTTP/1.1\r\n\r\n"), Some(Err(405)));
+        assert_eq!(parsed("POST /debug/pprof/symbol HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n"), Some(Err(413)));
         assert_eq!(parsed("GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"), Some(Err(413)));
+        assert_eq!(parsed("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(Err(411)));
         assert_eq!(parsed("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"), Some(Ok(("/".into(), None))));
         assert_eq!(parsed("GARBAGE\0\r\n\r\n"), Some(Err(400)));
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_REQUEST_BYTES));
