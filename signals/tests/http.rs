@@ -237,6 +237,17 @@ fn a_second_pull_of_a_kind_being_recorded_gets_409_and_a_signal_capture_records_
     let trace = get(addr, "/debug/pprof/trace?seconds=1", &[]);
     assert_eq!(trace.status, 200, "{}", trace.text());
     let _: Vec<serde_json::Value> = serde_json::from_slice(&trace.body).expect("Chrome trace JSON");
+
+    // A client that hangs up stops its capture at once; the file is still written.
+    let mut gone = TcpStream::connect(addr).unwrap();
+    gone.write_all(b"GET /debug/pprof/block?seconds=600 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    service.wait_for_log("kind=block requested_by=GET /debug/pprof/block?seconds=600", DEADLINE);
+    drop(gone);
+    service.wait_for_log("HTTP client went away", DEADLINE);
+    // The cpu pull, the toggle's capture, the trace pull and this one (a thread dump has none).
+    let abandoned = service.wait_for_manifests(4, DEADLINE);
+    assert!(abandoned.iter().any(|(_, m)| m["stopped_by"] == "the HTTP client went away"), "{abandoned:?}");
+    assert_eq!(dump_files(dir.path(), ProfileKind::Block, "pprof").len(), 2);
 }
 
 #[test]
@@ -293,6 +304,7 @@ fn two_hundred_silent_connections_leave_signals_and_requests_working() {
 /// `go tool pprof -top` on the endpoints themselves: a reader that is not ours, fetching over
 /// HTTP as operators do. Skipped (saying so) where Go is not installed; CI installs it.
 #[test]
+#[allow(clippy::print_stdout)] // the skip must say so in the test's output
 fn go_tool_pprof_pulls_cpu_heap_and_mutex_and_names_the_culprits() {
     if std::process::Command::new("go").arg("version").output().is_err() {
         println!("SKIPPED: go is not installed, so `go tool pprof` cannot be tried");
