@@ -23,7 +23,9 @@
 //! what is used instead ([`Builder::strict`] or `ONSITE_STRICT=1` make it `install`'s error).
 //!
 //! Each backend is a cargo feature (all on by default): `cpu`, `memory`, `mutex`, `block`,
-//! `trace`, `threads`. Some need one more line in the service: the memory backend its global
+//! `trace`, `threads`. The feature `http` (off by default) adds a listener for Go's
+//! `/debug/pprof/` paths (`ONSITE_HTTP`, `Builder::http`), so `go tool pprof URL`, Parca and
+//! Grafana Alloy can pull captures. Some need one more line in the service: the memory backend its global
 //! allocator ([`memory::Allocator`]), the lock profiles onsite's lock types ([`sync`]), the
 //! trace its `tracing` layer ([`trace`]).
 //!
@@ -100,6 +102,14 @@ pub mod vars {
     /// `1`/`true`: a bad `ONSITE_*` value makes `install` fail instead of being logged and
     /// replaced (for tests and CI). Default: off.
     pub const STRICT: &str = "ONSITE_STRICT";
+    /// Feature `http`: serve Go's `/debug/pprof/` paths on this address (`127.0.0.1:6060`; a
+    /// bare port is loopback; `off`). Default: no listener.
+    #[cfg(feature = "http")]
+    pub const HTTP: &str = "ONSITE_HTTP";
+    /// Feature `http`: the bearer token every request must carry; required for an address that
+    /// is not loopback.
+    #[cfg(feature = "http")]
+    pub const HTTP_TOKEN: &str = "ONSITE_HTTP_TOKEN";
 }
 
 /// The default limit on a capture's length, so a forgotten toggle cannot run forever.

@@ -29,9 +29,9 @@ use crate::env;
 pub(crate) use server::Server;
 
 /// The address variable.
-pub(crate) const ADDR_VAR: &str = "ONSITE_HTTP";
+pub(crate) const ADDR_VAR: &str = crate::vars::HTTP;
 /// The bearer token variable.
-pub(crate) const TOKEN_VAR: &str = "ONSITE_HTTP_TOKEN";
+pub(crate) const TOKEN_VAR: &str = crate::vars::HTTP_TOKEN;
 
 /// Connections served at once; a new one past this closes the oldest one still sending its
 /// request, so idle connections cannot lock out a real client.
