@@ -358,7 +358,8 @@ fn tail(text: &str) -> String {
 }
 
 /// The dump files of `kind` with extension `ext` in `dir` (named `…-{kind}-{stamp}.{ext}`),
-/// sorted by name. A directory that does not exist holds none.
+/// sorted by name. A directory that does not exist holds none. The stamp starts with a digit,
+/// so `cpu` never matches a `cpu-before` file.
 pub fn dump_files(dir: &Path, kind: ProfileKind, ext: &str) -> Vec<PathBuf> {
     let (infix, suffix) = (format!("-{kind}-"), format!(".{ext}"));
     let entries = match std::fs::read_dir(dir) {
@@ -369,9 +370,12 @@ pub fn dump_files(dir: &Path, kind: ProfileKind, ext: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = entries
         .map(|entry| entry.unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display())).path())
         .filter(|path| {
-            path.file_name()
-                .and_then(OsStr::to_str)
-                .is_some_and(|name| name.contains(&infix) && name.ends_with(&suffix))
+            path.file_name().and_then(OsStr::to_str).is_some_and(|name| {
+                name.ends_with(&suffix)
+                    && name
+                        .match_indices(&infix)
+                        .any(|(at, _)| name[at + infix.len()..].starts_with(|c: char| c.is_ascii_digit()))
+            })
         })
         .collect();
     files.sort();

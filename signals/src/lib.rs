@@ -23,7 +23,9 @@
 //! what is used instead ([`Builder::strict`] or `ONSITE_STRICT=1` make it `install`'s error).
 //!
 //! Each backend is a cargo feature (all on by default): `cpu`, `memory`, `mutex`, `block`,
-//! `trace`, `threads`. Some need one more line in the service: the memory backend its global
+//! `trace`, `threads`. The feature `http` (off by default) adds a listener for Go's
+//! `/debug/pprof/` paths (`ONSITE_HTTP`, `Builder::http`), so `go tool pprof URL`, Parca and
+//! Grafana Alloy can pull captures. Some need one more line in the service: the memory backend its global
 //! allocator ([`memory::Allocator`]), the lock profiles onsite's lock types ([`sync`]), the
 //! trace its `tracing` layer ([`trace`]).
 //!
@@ -41,6 +43,8 @@ pub mod auto;
 mod backends;
 mod control;
 mod env;
+#[cfg(feature = "http")]
+mod http;
 mod manifest;
 mod retention;
 mod wake;
@@ -98,6 +102,14 @@ pub mod vars {
     /// `1`/`true`: a bad `ONSITE_*` value makes `install` fail instead of being logged and
     /// replaced (for tests and CI). Default: off.
     pub const STRICT: &str = "ONSITE_STRICT";
+    /// Feature `http`: serve Go's `/debug/pprof/` paths on this address (`127.0.0.1:6060`; a
+    /// bare port is loopback; `off`). Default: no listener.
+    #[cfg(feature = "http")]
+    pub const HTTP: &str = "ONSITE_HTTP";
+    /// Feature `http`: the bearer token every request must carry; required for an address that
+    /// is not loopback.
+    #[cfg(feature = "http")]
+    pub const HTTP_TOKEN: &str = "ONSITE_HTTP_TOKEN";
 }
 
 /// The default limit on a capture's length, so a forgotten toggle cannot run forever.
@@ -120,6 +132,8 @@ pub struct Builder {
     pub(crate) backends: backends::Settings,
     pub(crate) auto: auto::Settings,
     pub(crate) retention: retention::Settings,
+    #[cfg(feature = "http")]
+    pub(crate) http: http::Settings,
 }
 
 impl Default for Builder {
@@ -141,6 +155,8 @@ impl Builder {
             backends: Default::default(),
             auto: Default::default(),
             retention: Default::default(),
+            #[cfg(feature = "http")]
+            http: Default::default(),
         }
     }
 
@@ -240,6 +256,8 @@ impl Builder {
         self.auto.apply_env(&mut env);
         self.retention.apply_env(&mut env);
         self.backends.apply_env(&mut env);
+        #[cfg(feature = "http")]
+        self.http.apply_env(&mut env);
         self.apply_signals(&mut env);
         env
     }
@@ -294,6 +312,22 @@ impl Builder {
         }
     }
 
+    /// Why no thread dump can be made even on request (its signal unusable, or shared with a
+    /// signal that has another job); `None` when it can.
+    fn thread_dump_unavailable(&self) -> Option<String> {
+        #[cfg(feature = "threads")]
+        match self.backends.threads.internal_signal() {
+            None => Some(format!("the thread dump is off: {} is not usable", backends::threads::DUMP_SIGNAL_VAR)),
+            Some(sig) if Some(sig) == self.toggle_signal || Some(sig) == self.dump_signal => Some(format!(
+                "the thread dump is off: {} is also the toggle or dump signal",
+                backends::threads::DUMP_SIGNAL_VAR
+            )),
+            Some(_) => None,
+        }
+        #[cfg(not(feature = "threads"))]
+        Some("this service was built without onsite's `threads` feature".to_owned())
+    }
+
     fn dir_text(&self) -> String {
         match &self.dir {
             Some(dir) => dir.display().to_string(),
@@ -305,6 +339,8 @@ impl Builder {
         let profilers = self.backends.profilers();
         let compiled: Vec<ProfileKind> = profilers.iter().map(|p| p.kind()).collect();
         let rules = self.auto.rules(&compiled, &mut env);
+        #[cfg(feature = "http")]
+        let listen = self.http.checked(&mut env);
         env.finish()?;
         if let Err(e) = dir.ensure_exists() {
             // Not fatal: the directory may appear later (a volume mounted after start-up), and
@@ -342,6 +378,7 @@ impl Builder {
             backends: self.backends.clone(),
             watch,
             retention: self.retention,
+            thread_dump_unavailable: self.thread_dump_unavailable(),
         };
         let controller = Controller::new(setup, receiver, reader);
         let thread = std::thread::Builder::new()
@@ -352,6 +389,28 @@ impl Builder {
                 controller.run()
             })
             .map_err(InstallError::Io)?;
+        #[cfg(feature = "http")]
+        let http = listen.and_then(|listen| {
+            let asked = listen.addr;
+            let authenticated = listen.token.is_some();
+            let control = http::server::Control { commands: commands.clone(), wake: wake.writer().ok()? };
+            match http::Server::start(listen, self.max_duration, control) {
+                Ok(server) => {
+                    tracing::info!(
+                        addr = %server.addr(),
+                        bearer_token = authenticated,
+                        "onsite: serving http://{}/debug/pprof/ (`go tool pprof http://{}/debug/pprof/profile?seconds=30`)",
+                        server.addr(),
+                        server.addr()
+                    );
+                    Some(server)
+                }
+                Err(e) => {
+                    tracing::error!(addr = %asked, error = %e, "onsite: cannot listen for HTTP ({}); the service and signals run on without it", http::ADDR_VAR);
+                    None
+                }
+            }
+        });
         tracing::info!(
             pid = dir.pid(),
             dir = %dir.dir().display(),
@@ -376,6 +435,8 @@ impl Builder {
             thread: Some(thread),
             signals: Some(signals),
             wake: Some(wake),
+            #[cfg(feature = "http")]
+            http,
         })
     }
 }
@@ -420,6 +481,8 @@ pub struct Onsite {
     thread: Option<JoinHandle<()>>,
     signals: Option<wake::OperatorSignals>,
     wake: Option<wake::WakeSocket>,
+    #[cfg(feature = "http")]
+    http: Option<http::Server>,
 }
 
 impl fmt::Debug for Onsite {
@@ -450,6 +513,13 @@ impl Onsite {
         answer.recv().unwrap_or_default()
     }
 
+    /// The address the `/debug/pprof/` listener serves (feature `http`), with the port it
+    /// chose if asked for port 0; `None` when it is not running.
+    #[cfg(feature = "http")]
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(http::Server::addr)
+    }
+
     /// Shuts down now; the same as dropping the handle.
     pub fn shutdown(mut self) {
         self.shutdown_in_place();
@@ -469,11 +539,19 @@ impl Onsite {
             // thread held at the fork. The child's copies of the wake socket's ends are closed.
             std::mem::forget(thread);
             std::mem::forget(self.signals.take());
+            #[cfg(feature = "http")]
+            if let Some(http) = self.http.take() {
+                http.forget();
+            }
             drop(self.wake.take());
             return;
         }
-        // No new signal may start anything once shutdown begins.
+        // No new signal or request may start anything once shutdown begins.
         drop(self.signals.take());
+        #[cfg(feature = "http")]
+        if let Some(http) = self.http.take() {
+            http.shutdown();
+        }
         self.send(Command::Shutdown);
         if thread.join().is_err() {
             tracing::error!("onsite: the control thread panicked");

@@ -1,6 +1,7 @@
 //! The per-capture manifest, `{command}-{pid}-manifest-{timestamp}.json`, written last: why the
-//! capture started (a signal, an API call, or which rule with the metric history that fired
-//! it), why it stopped, its kinds, its files with their sizes, what failed, and who wrote it.
+//! capture started (a signal, an API call, an HTTP request, or which rule with the metric
+//! history that fired it), why it stopped, its kinds, its files with their sizes, what failed,
+//! which kinds other captures held, and who wrote it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,11 @@ pub(crate) enum Trigger {
     Signal(libc::c_int),
     Api,
     Rule(Box<Firing>),
+    /// A client asked for this capture (over HTTP) and waits for its bytes.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    Pull {
+        requested_by: String,
+    },
 }
 
 impl std::fmt::Display for Trigger {
@@ -24,6 +30,7 @@ impl std::fmt::Display for Trigger {
             Trigger::Signal(sig) => f.write_str(&crate::env::signal_name(*sig)),
             Trigger::Api => f.write_str("API call"),
             Trigger::Rule(firing) => write!(f, "rule {:?}", firing.text),
+            Trigger::Pull { requested_by } => f.write_str(requested_by),
         }
     }
 }
@@ -39,6 +46,8 @@ pub(crate) struct Record<'a> {
     pub(crate) failures: &'a [(ProfileKind, String)],
     /// The window the `cpu-before` file covers, if one was written.
     pub(crate) before_window: Option<(SystemTime, SystemTime)>,
+    /// Kinds the capture would have recorded but another capture (a pull) held, with its holder.
+    pub(crate) held_elsewhere: &'a [(ProfileKind, String)],
 }
 
 /// Writes the manifest through `out` (so it is all-or-nothing, 0600, named like the rest).
@@ -64,6 +73,8 @@ fn to_json(out: &CaptureOutput, r: &Record<'_>) -> Value {
         })
         .collect();
     let failed: Vec<Value> = r.failures.iter().map(|(k, e)| json!({ "kind": k.as_str(), "error": e })).collect();
+    let held: Vec<Value> =
+        r.held_elsewhere.iter().map(|(k, by)| json!({ "kind": k.as_str(), "held_by": by })).collect();
     json!({
         "onsite_version": env!("CARGO_PKG_VERSION"),
         "command": dir.command(),
@@ -88,6 +99,7 @@ fn to_json(out: &CaptureOutput, r: &Record<'_>) -> Value {
             "until_unix_ms": unix_ms(until),
             "seconds": until.duration_since(from).map_or(0.0, |d| d.as_secs_f64()),
         })),
+        "held_elsewhere": held,
     })
 }
 
@@ -95,6 +107,7 @@ fn trigger_json(trigger: &Trigger) -> Value {
     match trigger {
         Trigger::Signal(sig) => json!({ "trigger": "signal", "signal": crate::env::signal_name(*sig) }),
         Trigger::Api => json!({ "trigger": "api" }),
+        Trigger::Pull { requested_by } => json!({ "trigger": "http", "request": requested_by }),
         Trigger::Rule(f) => json!({
             "trigger": "rule",
             "rule": f.text,

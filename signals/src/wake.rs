@@ -143,6 +143,13 @@ impl WakeSocket {
         WAKE_FD.store(writer.as_raw_fd(), Ordering::Release);
         Ok(WakeSocket { reader, writer })
     }
+
+    /// Another handle on the writing end (non-blocking), for a thread of onsite's that sends
+    /// the control thread commands.
+    #[cfg(feature = "http")]
+    pub(crate) fn writer(&self) -> io::Result<UnixStream> {
+        self.writer.try_clone()
+    }
 }
 
 /// Wakes the control thread from ordinary code (an API call), through the socket itself.

@@ -11,7 +11,7 @@ use crate::service::{DemoMq, kind_of, step};
 pub(crate) struct DemoArgs {
     /// How long the capture runs, in seconds.
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// Exit with an error unless every planted problem is found (what CI runs).
     #[arg(long)]
     pub(crate) strict: bool,
@@ -19,18 +19,22 @@ pub(crate) struct DemoArgs {
     /// the capture.
     #[arg(long)]
     pub(crate) auto: bool,
+    /// Send no signal: pull CPU, heap and mutex profiles over HTTP (`ONSITE_HTTP`) with
+    /// `go tool pprof`, at the same time.
+    #[arg(long, conflicts_with = "auto")]
+    pub(crate) http: bool,
 }
 
 /// A problem demo-mq plants, and where a profile must show it.
-struct Planted {
-    kind: &'static str,
+pub(crate) struct Planted {
+    pub(crate) kind: &'static str,
     sample_type: &'static str,
-    function: &'static str,
+    pub(crate) function: &'static str,
     /// It must rank within this many rows by flat value.
-    within: usize,
+    pub(crate) within: usize,
 }
 
-const PLANTED: &[Planted] = &[
+pub(crate) const PLANTED: &[Planted] = &[
     Planted { kind: "cpu", sample_type: "cpu", function: "demo_mq::broker::checksum_payload", within: 2 },
     Planted { kind: "memory", sample_type: "inuse_space", function: "demo_mq::broker::record_ack", within: 1 },
     Planted { kind: "mutex", sample_type: "delay", function: "demo_mq::broker::update_delivery_stats", within: 1 },
@@ -45,6 +49,9 @@ const PLANTED: &[Planted] = &[
 pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
     if args.auto {
         return crate::auto_demo::run(args);
+    }
+    if args.http {
+        return crate::http_demo::run(args);
     }
     let mut demo = DemoMq::start("onsite-demo", &[], args.seconds + 30)?;
     let pid = demo.pid();

@@ -9,6 +9,7 @@
 
 mod auto_demo;
 mod demo;
+mod http_demo;
 mod report;
 mod service;
 
