@@ -250,6 +250,7 @@ impl Controller {
                 None => "it stops through the API, its duration or shutdown".to_owned(),
             }
         );
+        crate::status::capture_started(&output, &trigger, &kinds, length);
         let now = Instant::now();
         self.capture = Some(Capture {
             output,
@@ -308,6 +309,7 @@ impl Controller {
         if let Err(e) = manifest::write(&capture.output, &record) {
             tracing::error!(error = %e.message, "onsite: could not write the capture's manifest");
         }
+        crate::status::capture_stopped(&self.setup.dir);
         // Disarmed only now: a SIGINT that arrives while the files are written waits for them.
         capture.termination_guard.disarm();
         let written: Vec<WrittenFile> = capture.output.written().into_iter().map(|(_, f)| f).collect();

@@ -42,7 +42,10 @@ mod backends;
 mod control;
 mod env;
 mod manifest;
+#[cfg(feature = "report")]
+pub mod report;
 mod retention;
+pub mod status;
 mod wake;
 
 use std::fmt;
