@@ -219,6 +219,7 @@ impl Controller {
             Trigger::Signal(_) | Trigger::Api => (self.setup.kinds.clone(), self.setup.max_duration, false),
         };
         let output = CaptureOutput::new(dir.clone(), CaptureStamp::now());
+        crate::status::capture_starting(&output, &trigger, &wanted, length);
         let started_wall = SystemTime::now();
         let mut stoppers = Vec::new();
         let mut failures = Vec::new();
@@ -250,7 +251,7 @@ impl Controller {
                 None => "it stops through the API, its duration or shutdown".to_owned(),
             }
         );
-        crate::status::capture_started(&output, &trigger, &kinds, length);
+        crate::status::capture_running(&output, &trigger, &kinds, length);
         let now = Instant::now();
         self.capture = Some(Capture {
             output,

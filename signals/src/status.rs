@@ -1,10 +1,11 @@
 //! What an operator's tool can learn about a running service from outside it: whether a
 //! capture is running right now, and how the service's signal settings read.
 //!
-//! While a capture runs (whoever started it: the toggle signal, an API call or a rule) the dump
-//! directory holds `{command}-{pid}-capturing.json`: the capture's stamp, why it started, its
-//! kinds and when it stops by itself. It is written through onsite's file writer (all or
-//! nothing, 0600) when the capture starts and removed once its manifest is written, so a tool
+//! While a capture starts and runs (whoever started it: the toggle signal, an API call or a
+//! rule) the dump directory holds `{command}-{pid}-capturing.json`: the capture's stamp, why it
+//! started, its kinds, whether they have all started (`running`) and when it stops by itself.
+//! It is written through onsite's file writer (all or nothing, 0600) before the kinds start,
+//! replaced in one rename once they have, and removed once the manifest is written, so a tool
 //! that sees it gone can read the manifest. `onsite capture` uses it to wait for a running
 //! capture rather than toggle it off. The name has no kind and no timestamp, so retention never
 //! takes it for a dump.
@@ -20,25 +21,51 @@ use crate::manifest::Trigger;
 /// The end of the marker's name, after `{command}-{pid}-`.
 pub const MARKER_SUFFIX: &str = "capturing.json";
 
-/// Writes the marker of the capture that just started in `out` (replacing one a crashed run of
-/// this pid may have left). A failure is logged: the capture itself goes on.
-pub(crate) fn capture_started(out: &CaptureOutput, trigger: &Trigger, kinds: &[ProfileKind], length: Duration) {
+/// Writes the marker of a capture that is starting in `out` (replacing one a crashed run of
+/// this pid may have left): from now on a toggle would stop it. A failure is logged: the
+/// capture itself goes on.
+pub(crate) fn capture_starting(out: &CaptureOutput, trigger: &Trigger, kinds: &[ProfileKind], length: Duration) {
     let path = marker_path(out.dump_dir());
     let _ = std::fs::remove_file(&path);
+    if let Err(e) = write_new_file(&path, |w| write_marker(w, out, trigger, kinds, length, false)) {
+        tracing::warn!(error = %e, "onsite: could not write the running-capture marker; `onsite capture` will not see this capture running");
+    }
+}
+
+/// Marks the capture as running: its kinds have started, and it stops by itself `length` from
+/// now. The marker is replaced in one rename, so a reader sees the old one or the new one.
+pub(crate) fn capture_running(out: &CaptureOutput, trigger: &Trigger, kinds: &[ProfileKind], length: Duration) {
+    let path = marker_path(out.dump_dir());
+    let next = path.with_extension("json.next");
+    let _ = std::fs::remove_file(&next);
+    let written = write_new_file(&next, |w| write_marker(w, out, trigger, kinds, length, true))
+        .map_err(|e| e.to_string())
+        .and_then(|_| std::fs::rename(&next, &path).map_err(|e| format!("could not rename {}: {e}", next.display())));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&next);
+        tracing::warn!(error = %e, "onsite: could not update the running-capture marker");
+    }
+}
+
+fn write_marker(
+    w: &mut dyn std::io::Write,
+    out: &CaptureOutput,
+    trigger: &Trigger,
+    kinds: &[ProfileKind],
+    length: Duration,
+    running: bool,
+) -> std::io::Result<()> {
     let unix_ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let started = out.started_at();
     let value = json!({
         "pid": out.dump_dir().pid(),
         "command": out.dump_dir().command(),
         "capture": out.stamp().as_str(),
-        "started_at_unix_ms": unix_ms(started),
-        "stops_by_unix_ms": unix_ms(started + length),
+        "running": running,
+        "stops_by_unix_ms": unix_ms(SystemTime::now() + length),
         "started_by": crate::manifest::trigger_json(trigger),
         "kinds": kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
     });
-    if let Err(e) = write_new_file(&path, |w| serde_json::to_writer(&mut *w, &value).map_err(std::io::Error::from)) {
-        tracing::warn!(error = %e, "onsite: could not write the running-capture marker; `onsite capture` will not see this capture running");
-    }
+    serde_json::to_writer(&mut *w, &value).map_err(std::io::Error::from)
 }
 
 /// Removes the marker once the capture's manifest is written.
@@ -47,7 +74,9 @@ pub(crate) fn capture_stopped(dir: &DumpDir) {
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "onsite: could not remove the running-capture marker"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "onsite: could not remove the running-capture marker")
+        }
     }
 }
 
@@ -66,6 +95,9 @@ pub struct RunningCapture {
     pub started_by: Value,
     /// Its kinds.
     pub kinds: Vec<String>,
+    /// Whether its kinds have started (`false` while they are starting, which can take a
+    /// moment: a toggle then would stop it as soon as it has started).
+    pub running: bool,
     /// When it stops by itself (its maximum, or its rule's, duration), in ms since the epoch.
     pub stops_by_unix_ms: u64,
 }
@@ -87,6 +119,7 @@ pub fn running_capture(dir: &Path, pid: u32) -> Option<RunningCapture> {
             capture: value["capture"].as_str()?.to_owned(),
             started_by: value["started_by"].clone(),
             kinds: value["kinds"].as_array()?.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect(),
+            running: value["running"].as_bool().unwrap_or(false),
             stops_by_unix_ms: value["stops_by_unix_ms"].as_u64().unwrap_or(0),
         })
     })

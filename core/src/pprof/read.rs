@@ -203,7 +203,9 @@ fn apply_drop_frames(profile: &mut Profile) {
 pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<FunctionTotal>> {
     let index = sample_type_index(profile, sample_type)?;
     Some(totals_by_function(
-        sample_stacks(profile).into_iter().map(|(stack, sample)| (stack, sample.value.get(index).copied().unwrap_or(0))),
+        sample_stacks(profile)
+            .into_iter()
+            .map(|(stack, sample)| (stack, sample.value.get(index).copied().unwrap_or(0))),
     ))
 }
 

@@ -91,11 +91,10 @@ impl Manifest {
         let history: Vec<&str> =
             by["history"].as_array().into_iter().flatten().filter_map(|p| p["value_shown"].as_str()).collect();
         Some(format!(
-            "{} ({} is {}); {} samples: {}",
+            "{}; {} {} samples: {}",
             by["reason"].as_str().unwrap_or("it held"),
-            by["metric"].as_str().unwrap_or("the metric"),
-            by["value_shown"].as_str().unwrap_or("?"),
             history.len(),
+            by["metric"].as_str().unwrap_or("metric"),
             history.join(" "),
         ))
     }
@@ -257,10 +256,7 @@ impl Section {
         } else if name.ends_with(".svg") {
             Ok(Section::Other { path: path.to_owned(), hint: "a flamegraph: open it in a browser" })
         } else {
-            Err(ReportError(format!(
-                "{} is not a file onsite writes (.pprof, .json, .txt, .svg)",
-                path.display()
-            )))
+            Err(ReportError(format!("{} is not a file onsite writes (.pprof, .json, .txt, .svg)", path.display())))
         };
         result.unwrap_or_else(Section::Unreadable)
     }
@@ -271,7 +267,11 @@ impl Section {
             Section::Profile { kind, .. } => kind.clone(),
             Section::Trace(_) => "trace".to_owned(),
             Section::Threads(_) => "threads".to_owned(),
-            Section::Other { path, .. } => kind_in_name(&base_name(path)).unwrap_or("file").to_owned(),
+            Section::Other { path, .. } => {
+                let name = base_name(path);
+                let ext = name.split_once('.').map_or("", |(_, ext)| ext);
+                format!("{} ({ext})", kind_in_name(&name).unwrap_or("file"))
+            }
             Section::Unreadable(_) => "unreadable".to_owned(),
         }
     }
@@ -281,6 +281,9 @@ impl Section {
         match self {
             Section::Profile { tops, .. } => {
                 let mut out = String::new();
+                if let Some(first) = tops.first() {
+                    let _ = writeln!(out, "  {}", fit(&base_name(&first.path), super::WIDTH - 2));
+                }
                 for (i, top) in tops.iter().enumerate() {
                     out.push_str(&top.render(if i == 0 { ROWS } else { 5 }, style));
                 }
@@ -296,7 +299,9 @@ impl Section {
     /// For scripts.
     pub fn to_json(&self) -> Value {
         let mut value = match self {
-            Section::Profile { tops, .. } => json!({ "tops": tops.iter().map(|t| t.to_json(ROWS)).collect::<Vec<_>>() }),
+            Section::Profile { tops, .. } => {
+                json!({ "tops": tops.iter().map(|t| t.to_json(ROWS)).collect::<Vec<_>>() })
+            }
             Section::Trace(spans) => spans.to_json(),
             Section::Threads(head) => head.to_json(),
             Section::Other { path, hint } => json!({ "file": path.display().to_string(), "hint": hint }),
@@ -337,7 +342,14 @@ impl CaptureReport {
             .iter()
             .filter(|(_, kind, _)| kinds.is_none_or(|k| k.iter().any(|w| w == kind)))
             .map(|(file, kind, _)| Section::read(file, Some(kind)))
-            .collect();
+            .collect::<Vec<_>>();
+        let mut sections = sections;
+        // The order a reader wants (CPU first), not the order the files were written in.
+        sections.sort_by_key(|s| {
+            let kind = s.kind();
+            let word = kind.split(' ').next().unwrap_or("");
+            onsite_core::ProfileKind::CAPTURED.iter().position(|k| k.as_str() == word).unwrap_or(usize::MAX)
+        });
         Ok(CaptureReport { manifest: Some(manifest), sections })
     }
 
@@ -380,12 +392,8 @@ impl CaptureReport {
         let mut out = String::new();
         if let Some(m) = &self.manifest {
             let j = &m.json;
-            let heading = format!(
-                "capture {} of {} pid {}",
-                m.capture(),
-                j["command"].as_str().unwrap_or("?"),
-                m.pid()
-            );
+            let heading =
+                format!("capture {} of {} pid {}", m.capture(), j["command"].as_str().unwrap_or("?"), m.pid());
             let _ = writeln!(out, "{}", style.heading(&fit(&heading, super::WIDTH)));
             let lines = [
                 format!("started by {}, stopped by {}", m.why(), j["stopped_by"].as_str().unwrap_or("?")),
@@ -399,8 +407,8 @@ impl CaptureReport {
                 format!("kinds {}", m.kinds().join(",")),
                 format!("in {}", m.path.parent().unwrap_or(Path::new(".")).display()),
             ];
-            for line in lines {
-                let _ = writeln!(out, "  {}", fit(&line, super::WIDTH - 2));
+            for line in lines.iter().flat_map(|l| wrap(l, super::WIDTH - 2)) {
+                let _ = writeln!(out, "  {line}");
             }
             if let Some(story) = m.rule_story() {
                 for line in wrap(&story, super::WIDTH - 4) {
@@ -413,7 +421,9 @@ impl CaptureReport {
                     failed["kind"].as_str().unwrap_or("?"),
                     failed["error"].as_str().unwrap_or("?")
                 );
-                let _ = writeln!(out, "  {}", style.warn(&text));
+                for line in wrap(&text, super::WIDTH - 2) {
+                    let _ = writeln!(out, "  {}", style.warn(&line));
+                }
             }
         }
         for section in &self.sections {
@@ -433,10 +443,13 @@ impl CaptureReport {
     }
 }
 
-/// `text` in lines of at most `width` characters, broken at spaces.
+/// `text` in lines of at most `width` characters, broken at spaces (a longer word is cut,
+/// keeping its end).
 fn wrap(text: &str, width: usize) -> Vec<String> {
     let mut lines = vec![String::new()];
     for word in text.split(' ') {
+        let word = fit(word, width);
+        let word = word.as_str();
         let last = lines.last_mut().expect("never empty");
         if !last.is_empty() && last.chars().count() + 1 + word.chars().count() > width {
             lines.push(word.to_owned());

@@ -72,8 +72,10 @@ impl Diff {
         }
         let sample_type = chosen_sample_type(&new, after, sample_type)?;
         let index = sample_type_index(&new, &sample_type).unwrap_or(0);
-        let (old_rows, new_rows) =
-            (function_totals(&old, &sample_type).unwrap_or_default(), function_totals(&new, &sample_type).unwrap_or_default());
+        let (old_rows, new_rows) = (
+            function_totals(&old, &sample_type).unwrap_or_default(),
+            function_totals(&new, &sample_type).unwrap_or_default(),
+        );
         let totals = (old_rows.iter().map(|r| r.flat).sum(), new_rows.iter().map(|r| r.flat).sum());
         let mut by_function: HashMap<String, DiffRow> = HashMap::new();
         for (rows, after) in [(old_rows, false), (new_rows, true)] {
@@ -122,7 +124,7 @@ impl Diff {
     pub fn render(&self, n: usize, style: Style) -> String {
         let mut out = String::new();
         let u = &self.unit;
-        let heading = format!("{} by {} ({u})", self.sample_type, self.sample_type);
+        let heading = format!("by {} ({u})", self.sample_type);
         let _ = writeln!(out, "  {}", style.heading(&fit(&heading, super::WIDTH - 2)));
         let _ = writeln!(out, "  before {}  {}", human(self.totals.0, u), fit(&base_name(&self.before), 56));
         let _ = writeln!(out, "  after  {}  {}", human(self.totals.1, u), fit(&base_name(&self.after), 56));
@@ -155,9 +157,10 @@ impl Diff {
         let mut out = String::new();
         let u = &self.unit;
         let total = self.totals.1 - self.totals.0;
-        let heading = format!("{} minus {}", base_name(&self.after), base_name(&self.before));
-        let _ = writeln!(out, "  {}", style.heading(&fit(&heading, super::WIDTH - 2)));
-        let _ = writeln!(out, "  by {} ({u}), total {}", self.sample_type, signed(total, u));
+        let _ = writeln!(out, "  {}", fit(&base_name(&self.after), super::WIDTH - 2));
+        let _ = writeln!(out, "  minus {}", fit(&base_name(&self.before), super::WIDTH - 8));
+        let heading = format!("by {} ({u}), total {}", self.sample_type, signed(total, u));
+        let _ = writeln!(out, "  {}", style.heading(&heading));
         let _ = writeln!(out, "  {:>10} {:>6} {:>10}  function", "flat", "flat%", "cum");
         let whole: i64 = self.based.iter().map(|r| r.flat.abs()).sum();
         for row in self.based.iter().filter(|r| r.flat != 0).take(n) {

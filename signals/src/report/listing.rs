@@ -46,7 +46,10 @@ impl Listing {
     /// Reads `dir`'s manifests and thread dumps.
     pub fn read(dir: &Path) -> Result<Listing, ReportError> {
         let read = std::fs::read_dir(dir).map_err(|e| {
-            ReportError(format!("cannot list {}: {e}; name the service's dump directory (its ONSITE_DIR)", dir.display()))
+            ReportError(format!(
+                "cannot list {}: {e}; name the service's dump directory (its ONSITE_DIR)",
+                dir.display()
+            ))
         })?;
         let mut entries = Vec::new();
         let mut unreadable = Vec::new();

@@ -92,16 +92,11 @@ impl ProfileTop {
         self.rows.iter().filter(|r| r.flat != 0).position(|r| r.function == function)
     }
 
-    /// The top `n` rows as text: a heading, then `flat flat% cum function`.
+    /// The top `n` rows as text: a heading (the sample type and total), then
+    /// `flat flat% cum function`. The caller names the file.
     pub fn render(&self, n: usize, style: Style) -> String {
         let mut out = String::new();
-        let heading = format!(
-            "{} by {} ({}), total {}",
-            base_name(&self.path),
-            self.sample_type,
-            self.unit,
-            human(self.total, &self.unit)
-        );
+        let heading = format!("by {} ({}), total {}", self.sample_type, self.unit, human(self.total, &self.unit));
         let _ = writeln!(out, "  {}", style.heading(&fit(&heading, super::WIDTH - 2)));
         let shown: Vec<&FunctionTotal> = self.rows.iter().filter(|r| r.flat != 0).take(n).collect();
         if shown.is_empty() {

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::service::{DEFAULT_DUMP, DEFAULT_TOGGLE, Service, file_ending, wait_for};
 
 /// How long a service may take to start a capture after the toggle signal.
-const START_WITHIN: Duration = Duration::from_secs(15);
+const START_WITHIN: Duration = Duration::from_secs(60);
 /// How long writing a capture's files may take (symbolising a large binary is the slow part).
 const WRITE_WITHIN: Duration = Duration::from_secs(300);
 /// How long a thread dump may take to appear.
@@ -79,8 +79,9 @@ pub fn capture(args: &CaptureArgs, json: bool, style: Style) -> Result<String, S
         }
         service.send(sig)?;
         note(&format!("sent {signal_name} to pid {pid} ({}): starting a capture", service.name));
-        let running = wait_for(START_WITHIN, || !service.is_alive(), || status::running_capture(&dir, pid))
-            .ok_or_else(|| not_started(&service, &dir, &signal_name))?;
+        let running =
+            wait_for(START_WITHIN, || !service.is_alive(), || status::running_capture(&dir, pid).filter(|r| r.running))
+                .ok_or_else(|| not_started(&service, &dir, &signal_name))?;
         let what = running.kinds.join(",");
         let stopped_early = countdown(args.duration, &format!("capturing {what}"), &interrupted, &running, &dir, pid);
         if stopped_early {
@@ -93,7 +94,9 @@ pub fn capture(args: &CaptureArgs, json: bool, style: Style) -> Result<String, S
                 service.send(sig)?;
                 note(&format!("sent {signal_name} to pid {pid}: stopping the capture"));
             }
-            _ => note("the capture stopped by itself (the service's maximum capture duration) before the countdown ended"),
+            _ => note(
+                "the capture stopped by itself (the service's maximum capture duration) before the countdown ended",
+            ),
         }
         let manifest = wait_for_manifest(&service, &dir, &running.capture)?;
         let report = CaptureReport::for_manifest(&manifest, kinds.as_deref()).map_err(|e| e.0)?;
@@ -286,7 +289,9 @@ pub fn dump(args: &DumpArgs, json: bool, style: Style) -> Result<String, String>
                     .filter_map(Result::ok)
                     .map(|e| e.path())
                     .filter(|p| {
-                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&marker) && n.ends_with(".txt"))
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.contains(&marker) && n.ends_with(".txt"))
                     })
                     .collect()
             })

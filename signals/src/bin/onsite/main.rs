@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use onsite::report::{CaptureReport, Diff, Listing, ProfileTop, Style};
 
 #[derive(Debug, Parser)]
-#[command(name = "onsite", version, about = "Capture a running service's scene and read it: profiles, heap, locks, threads")]
+#[command(
+    name = "onsite",
+    version,
+    about = "Capture a running service's scene and read it: profiles, heap, locks, threads"
+)]
 struct Cli {
     /// Print JSON for scripts instead of text.
     #[arg(long, global = true)]

@@ -168,7 +168,11 @@ fn pid_of_name(name: &str) -> Result<u32, String> {
 }
 
 /// Polls `probe` every 50 ms until it answers, `limit` passes (`None`) or `give_up` says so.
-pub fn wait_for<T>(limit: Duration, mut give_up: impl FnMut() -> bool, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(
+    limit: Duration,
+    mut give_up: impl FnMut() -> bool,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = probe() {
