@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use onsite_core::pprof::{FunctionTotal, decode, function_totals, proto::Profile};
 use serde_json::{Value, json};
 
-use super::{ReportError, Style, base_name, fit, human};
+use super::{ReportError, Style, fit, human};
 
 /// Reads and decodes the pprof file at `path`; the error names it.
 pub fn read_profile(path: &Path) -> Result<Profile, ReportError> {
