@@ -269,7 +269,11 @@ impl Section {
             Section::Threads(_) => "threads".to_owned(),
             Section::Other { path, .. } => {
                 let name = base_name(path);
-                let ext = name.split_once('.').map_or("", |(_, ext)| ext);
+                let ext = if name.ends_with(".dhat.json") {
+                    "dhat.json"
+                } else {
+                    name.rsplit_once('.').map_or("", |(_, ext)| ext)
+                };
                 format!("{} ({ext})", kind_in_name(&name).unwrap_or("file"))
             }
             Section::Unreadable(_) => "unreadable".to_owned(),

@@ -98,7 +98,9 @@ pub fn capture(args: &CaptureArgs, json: bool, style: Style) -> Result<String, S
                 "the capture stopped by itself (the service's maximum capture duration) before the countdown ended",
             ),
         }
-        let manifest = wait_for_manifest(&service, &dir, &running.capture)?;
+        // From here a Ctrl-C stops the waiting only: the capture is stopped already.
+        interrupted.store(false, Ordering::Relaxed);
+        let manifest = wait_for_manifest(&service, &dir, &running.capture, &interrupted)?;
         let report = CaptureReport::for_manifest(&manifest, kinds.as_deref()).map_err(|e| e.0)?;
         Ok(output(&service, &dir, &report, json, style, false, stopped_early))
     })();
@@ -212,19 +214,35 @@ fn wait_for_running(
             format!("pid {}'s capture {} did not finish in time; see the service's log", service.pid, running.capture)
         });
     }
-    let manifest = wait_for_manifest(service, dir, &running.capture)?;
+    let manifest = wait_for_manifest(service, dir, &running.capture, interrupted)?;
     let report = CaptureReport::for_manifest(&manifest, kinds).map_err(|e| e.0)?;
     Ok(output(service, dir, &report, json, style, true, false))
 }
 
-fn wait_for_manifest(service: &Service, dir: &Path, capture: &str) -> Result<PathBuf, String> {
+fn wait_for_manifest(
+    service: &Service,
+    dir: &Path,
+    capture: &str,
+    interrupted: &AtomicBool,
+) -> Result<PathBuf, String> {
     let suffix = format!("-{}-manifest-{capture}.json", service.pid);
     let spinner = ProgressBar::new_spinner();
     spinner.set_message("writing profiles…");
     spinner.enable_steady_tick(Duration::from_millis(100));
-    let found = wait_for(WRITE_WITHIN, || !service.is_alive(), || file_ending(dir, &suffix));
+    let found = wait_for(
+        WRITE_WITHIN,
+        || !service.is_alive() || interrupted.load(Ordering::Relaxed),
+        || file_ending(dir, &suffix),
+    );
     spinner.finish_and_clear();
     found.ok_or_else(|| {
+        if interrupted.load(Ordering::Relaxed) {
+            return format!(
+                "stopped waiting (Ctrl-C); pid {} writes the capture's files on: `onsite ls {}` lists them",
+                service.pid,
+                dir.display()
+            );
+        }
         let state = if service.is_alive() { "is running" } else { "has exited" };
         format!(
             "no manifest *{suffix} appeared in {} within {WRITE_WITHIN:?}; pid {} {state}; see its log",

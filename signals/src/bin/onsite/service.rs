@@ -109,7 +109,7 @@ impl Service {
             .find_map(|l| l.strip_prefix("SigCgt:"))
             .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
             .ok_or_else(|| format!("{path} has no SigCgt line"))?;
-        Ok(sig >= 1 && sig <= 64 && mask & (1u64 << (sig - 1)) != 0)
+        Ok((1..=64).contains(&sig) && mask & (1u64 << (sig - 1)) != 0)
     }
 
     /// Refuses, with what to do, unless the process catches `sig`: its default action would
