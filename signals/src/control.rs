@@ -406,6 +406,10 @@ impl Controller {
             tracing::error!(dir = %dir.dir().display(), error = %e, "onsite: cannot create the dump directory; files of this capture will fail to write");
         }
         let output = CaptureOutput::new(dir.clone(), CaptureStamp::now());
+        // The marker is the operator capture's (the one a toggle would stop); pulls are not.
+        if pull.is_none() {
+            crate::status::capture_starting(&output, &trigger, &kinds, length);
+        }
         let started_wall = SystemTime::now();
         // Taken before any kind starts (so it ends where the capture begins), written after.
         // A pull of another kind has no use for the CPU before it: a scraper pulling four
@@ -431,6 +435,9 @@ impl Controller {
         failures.extend(before_failures);
         if self.termination_guard.is_none() {
             self.termination_guard = Some(TerminationGuard::arm());
+        }
+        if pull.is_none() {
+            crate::status::capture_running(&output, &trigger, &kinds, length);
         }
         let now = Instant::now();
         Capture {
@@ -557,6 +564,9 @@ impl Controller {
         };
         if let Err(e) = manifest::write(&capture.output, &record) {
             tracing::error!(error = %e.message, "onsite: could not write the capture's manifest");
+        }
+        if capture.pull.is_none() {
+            crate::status::capture_stopped(&self.setup.dir);
         }
         // Disarmed only now: a SIGINT that arrives while the files are written waits for them.
         self.disarm_if_idle();

@@ -46,7 +46,10 @@ mod env;
 #[cfg(feature = "http")]
 mod http;
 mod manifest;
+#[cfg(feature = "report")]
+pub mod report;
 mod retention;
+pub mod status;
 mod wake;
 
 use std::fmt;

@@ -103,7 +103,7 @@ fn to_json(out: &CaptureOutput, r: &Record<'_>) -> Value {
     })
 }
 
-fn trigger_json(trigger: &Trigger) -> Value {
+pub(crate) fn trigger_json(trigger: &Trigger) -> Value {
     match trigger {
         Trigger::Signal(sig) => json!({ "trigger": "signal", "signal": crate::env::signal_name(*sig) }),
         Trigger::Api => json!({ "trigger": "api" }),
@@ -123,6 +123,7 @@ fn trigger_json(trigger: &Trigger) -> Value {
                 "at": iso_ms(p.unix_ms),
                 "unix_ms": p.unix_ms,
                 "value": p.value,
+                "value_shown": show(p.value, f.unit),
             })).collect::<Vec<_>>(),
         }),
     }

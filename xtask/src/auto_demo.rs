@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use crate::demo::DemoArgs;
-use crate::report;
+use onsite::report::{self, CaptureReport, Style};
+
 use crate::service::{DemoMq, kind_of, step, wait_for};
 
 /// The rule: above 100 MB for 10 s. demo-mq starts near 20 MB and its leak adds several MB a
@@ -72,36 +73,24 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
     for (path, size) in &files {
         println!("  {:>10}  {}", report::human(*size as i64, "bytes"), path.display());
     }
-    step("the manifest says why");
-    let text = std::fs::read_to_string(&manifest.0).map_err(|e| e.to_string())?;
-    for key in ["\"trigger\"", "\"rule\"", "\"reason\"", "\"stopped_by\"", "\"started_at\"", "\"stopped_at\""] {
-        if let Some(line) = text.lines().find(|l| l.trim_start().starts_with(key)) {
-            println!("  {}", line.trim().trim_end_matches(','));
-        }
-    }
-    let history = text.matches("\"unix_ms\"").count();
-    println!("  … and the {history} samples of RSS that fired it (see {})", manifest.0.display());
-
-    let memory = files.iter().find(|(p, _)| kind_of(p) == "memory" && p.extension().is_some_and(|e| e == "pprof"));
-    let found = match memory {
-        Some((path, _)) => {
-            step("memory profile of the automatic capture, decoded in Rust");
-            let rows = report::print_top(path, 8, Some("inuse_space"))?;
-            match rows.iter().filter(|r| r.flat > 0).position(|r| r.function == LEAK) {
-                Some(0) => {
-                    println!("  ✔ {LEAK} is #1 by in-use bytes: the leak, found without any signal sent");
-                    true
-                }
-                Some(r) => {
-                    println!("  ✘ {LEAK} is #{} by in-use bytes, not #1", r + 1);
-                    false
-                }
-                None => {
-                    println!("  ✘ {LEAK} is not in the memory profile");
-                    false
-                }
+    step(&format!("$ onsite report {}", manifest.0.display()));
+    let capture = CaptureReport::for_manifest(&manifest.0, None).map_err(|e| e.0)?;
+    print!("{}", capture.render(Style { colour: false }));
+    let found = match capture.profile("memory").and_then(|tops| tops.iter().find(|t| t.sample_type == "inuse_space")) {
+        Some(top) => match top.rank(LEAK) {
+            Some(0) => {
+                println!("  ✔ {LEAK} is #1 by in-use bytes: the leak, found without any signal sent");
+                true
             }
-        }
+            Some(r) => {
+                println!("  ✘ {LEAK} is #{} by in-use bytes, not #1", r + 1);
+                false
+            }
+            None => {
+                println!("  ✘ {LEAK} is not in the memory profile");
+                false
+            }
+        },
         None => {
             println!("  ✘ the automatic capture wrote no memory profile; see {}", demo.log.display());
             false
@@ -111,8 +100,9 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
     let before_found = match before {
         Some((path, _)) => {
             step("the CPU of the minutes before the rule fired (the flight recorder's cpu-before file)");
-            let rows = report::print_top(path, 6, Some("cpu"))?;
-            match rows.iter().filter(|r| r.flat > 0).position(|r| r.function == HOT) {
+            let top = report::ProfileTop::read(path, Some("samples")).map_err(|e| e.0)?;
+            print!("{}", top.render(6, Style { colour: false }));
+            match top.rank(HOT) {
                 Some(r) if r < 3 => {
                     println!("  ✔ {HOT} is #{} by CPU before the capture began", r + 1);
                     true

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::report;
+use onsite::report::{self, CaptureReport, ProfileTop, Section, Style, TextHead};
+
 use crate::service::{DemoMq, kind_of, step};
 
 #[derive(clap::Args)]
@@ -104,44 +105,48 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
         println!("  {:>10}  {}", report::human(*size as i64, "bytes"), path.display());
     }
 
+    // What `onsite report` prints for this capture: the same code.
+    let manifest = files
+        .iter()
+        .find(|(p, _)| kind_of(p) == "manifest")
+        .ok_or_else(|| format!("the capture wrote no manifest; see {}", demo.log.display()))?;
+    step(&format!("$ onsite report {}", manifest.0.display()));
+    if let (Some(before), Some(after)) = (rss_before, rss_after) {
+        println!(
+            "  demo-mq's RSS grew from {} to {} during the capture (+{})",
+            report::human(before as i64, "bytes"),
+            report::human(after as i64, "bytes"),
+            report::human(after.saturating_sub(before) as i64, "bytes"),
+        );
+    }
+    let style = Style { colour: false };
+    let capture = CaptureReport::for_manifest(&manifest.0, None).map_err(|e| e.0)?;
+    print!("{}", capture.render(style));
+
+    step("the planted problems");
     let mut missed = Vec::new();
-    for (path, _) in files.iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "pprof")) {
-        let kind = kind_of(path);
-        step(&format!("{kind} profile, decoded in Rust"));
-        if kind == "memory"
-            && let (Some(before), Some(after)) = (rss_before, rss_after)
-        {
-            println!(
-                "  demo-mq's RSS grew from {} to {} during the capture (+{}); still live at the end, by site:",
-                report::human(before as i64, "bytes"),
-                report::human(after as i64, "bytes"),
-                report::human(after.saturating_sub(before) as i64, "bytes"),
-            );
-        }
-        report::print_top(path, 8, None)?;
-        for planted in PLANTED.iter().filter(|p| p.kind == kind) {
-            if report::default_sample_type_of(path)?.as_deref() != Some(planted.sample_type) {
-                report::print_top(path, 5, Some(planted.sample_type))?;
-            }
-            let rows = report::top(path, Some(planted.sample_type))?.2;
-            let rank = rows.iter().filter(|r| r.flat > 0).position(|r| r.function == planted.function);
-            let (function, within, by) = (planted.function, planted.within, planted.sample_type);
-            match rank {
-                Some(r) if r < within => println!("  ✔ {function} is #{} by {by} in the {kind} profile", r + 1),
-                _ => {
-                    println!("  ✘ {function} is not in the top {within} by {by} of the {kind} profile");
-                    missed.push(format!("{kind}: {function}"));
-                }
+    for planted in PLANTED {
+        let Some((path, _)) =
+            files.iter().find(|(p, _)| kind_of(p) == planted.kind && p.extension().is_some_and(|e| e == "pprof"))
+        else {
+            continue;
+        };
+        let top = ProfileTop::read(path, Some(planted.sample_type)).map_err(|e| e.0)?;
+        let (kind, function, within, by) = (planted.kind, planted.function, planted.within, planted.sample_type);
+        match top.rank(function) {
+            Some(r) if r < within => println!("  ✔ {function} is #{} by {by} in the {kind} profile", r + 1),
+            _ => {
+                println!("  ✘ {function} is not in the top {within} by {by} of the {kind} profile");
+                missed.push(format!("{kind}: {function}"));
             }
         }
     }
-    for (path, _) in files.iter().filter(|(p, _)| kind_of(p) == "trace") {
-        step("trace (Chrome Trace Event JSON: open it in https://ui.perfetto.dev or chrome://tracing)");
-        report::print_span_counts(path)?;
+    if capture.sections.iter().any(|s| matches!(s, Section::Unreadable(_))) {
+        missed.push("a file of the capture could not be read".to_owned());
     }
     for (path, _) in files.iter().filter(|(p, _)| kind_of(p) == "threads") {
-        step("SIGUSR1 thread dump (first threads)");
-        report::print_head(path, 40)?;
+        step(&format!("SIGUSR1 thread dump (first threads; all of it: onsite dump {pid})"));
+        print!("{}", TextHead::read(path, report::DUMP_LINES).map_err(|e| e.0)?.render(style));
     }
     for kind in ["cpu", "memory", "mutex", "block", "trace", "threadcreate", "threads"] {
         if !files.iter().any(|(p, _)| kind_of(p) == kind) {

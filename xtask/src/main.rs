@@ -10,7 +10,6 @@
 mod auto_demo;
 mod demo;
 mod http_demo;
-mod report;
 mod service;
 
 use std::process::ExitCode;
@@ -30,7 +29,8 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Run the workspace's benchmarks (`cargo bench --workspace`).
     Bench,
-    /// Print the top of one or more pprof files (decoded in Rust, no Go needed).
+    /// Print the top of one or more pprof files (decoded in Rust, no Go needed; `onsite top`
+    /// does the same).
     Top {
         /// Rows to show per file.
         #[arg(long, default_value_t = 10)]
@@ -43,7 +43,12 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Demo(args) => demo::run(&args),
         Task::Bench => cargo(&["bench", "--workspace"]),
-        Task::Top { rows, files } => files.iter().try_for_each(|f| report::print_top(f, rows, None).map(drop)),
+        Task::Top { rows, files } => files.iter().try_for_each(|f| {
+            let top = onsite::report::ProfileTop::read(f, None).map_err(|e| e.0)?;
+            println!("  {}", f.display());
+            print!("{}", top.render(rows, onsite::report::Style::default()));
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -201,11 +201,26 @@ fn apply_drop_frames(profile: &mut Profile) {
 /// Totals per function for the sample type named `sample_type`, by flat value, largest first
 /// (ties by cum, then name). `None` when the profile has no such sample type.
 pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<FunctionTotal>> {
+    let index = sample_type_index(profile, sample_type)?;
+    Some(totals_by_function(
+        sample_stacks(profile)
+            .into_iter()
+            .map(|(stack, sample)| (stack, sample.value.get(index).copied().unwrap_or(0))),
+    ))
+}
+
+/// The position of the sample type named `sample_type` in the profile's values.
+pub fn sample_type_index(profile: &Profile, sample_type: &str) -> Option<usize> {
     let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");
-    let index = profile.sample_type.iter().position(|t| s(t.r#type) == sample_type)?;
-    let mut totals: HashMap<Cow<'_, str>, (i64, i64)> = HashMap::new();
-    for (stack, sample) in sample_stacks(profile) {
-        let value = sample.value.get(index).copied().unwrap_or(0);
+    profile.sample_type.iter().position(|t| s(t.r#type) == sample_type)
+}
+
+/// Totals per function over `samples` (each a stack, leaf first, and its value), by flat
+/// value, largest first (ties by cum, then name): what [`function_totals`] does for one
+/// profile, for any set of samples (such as one profile's minus another's, as `pprof -base`).
+pub fn totals_by_function<'a>(samples: impl IntoIterator<Item = (Vec<Cow<'a, str>>, i64)>) -> Vec<FunctionTotal> {
+    let mut totals: HashMap<Cow<'a, str>, (i64, i64)> = HashMap::new();
+    for (stack, value) in samples {
         let mut seen = Vec::new();
         for (depth, name) in stack.iter().enumerate() {
             let entry = totals.entry(name.clone()).or_default();
@@ -223,5 +238,5 @@ pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<Funct
         .map(|(function, (flat, cum))| FunctionTotal { function: function.into_owned(), flat, cum })
         .collect();
     rows.sort_by(|a, b| b.flat.cmp(&a.flat).then(b.cum.cmp(&a.cum)).then(a.function.cmp(&b.function)));
-    Some(rows)
+    rows
 }
