@@ -180,6 +180,7 @@ pub(crate) struct Setup {
     pub(crate) watch: Option<Watch>,
     pub(crate) retention: retention::Settings,
     /// Why a thread dump cannot be made (its signal clashes or is unusable); `None` if it can.
+    #[cfg_attr(not(feature = "threads"), allow(dead_code))]
     pub(crate) thread_dump_unavailable: Option<String>,
 }
 

@@ -130,6 +130,7 @@ pub(crate) fn parse_bool(text: &str) -> Result<bool, String> {
 }
 
 /// A whole number within `range`.
+#[cfg_attr(not(any(feature = "cpu", feature = "memory", feature = "mutex", feature = "block")), allow(dead_code))]
 pub(crate) fn parse_in_range<T>(range: std::ops::RangeInclusive<T>) -> impl Fn(&str) -> Result<T, String>
 where
     T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
