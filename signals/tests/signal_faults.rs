@@ -196,10 +196,10 @@ fn with_the_dump_signal_moved_sigusr1_reaches_only_the_services_handler() {
 fn install_says_when_onsite_chains_to_a_handler_already_there() {
     let dir = tempfile::tempdir().unwrap();
     let mut service = Service::start("child_with_its_own_sigusr1_handler", dir.path(), &cpu_only());
+    // The child's stderr reaches the log through a pipe: wait for the line, not only for ready.
+    service.wait_for_log("SIGUSR1 already has a handler", DEADLINE);
     let log = service.log_text();
-    let warning = log.lines().find(|l| l.contains("SIGUSR1 already has a handler")).unwrap_or_else(|| {
-        panic!("install did not say it chains to the service's SIGUSR1 handler:\n{log}");
-    });
+    let warning = log.lines().find(|l| l.contains("SIGUSR1 already has a handler")).unwrap();
     assert!(warning.contains("WARN") && warning.contains("ONSITE_DUMP_SIGNAL"), "{warning}");
     assert!(!log.contains("SIGUSR2 already has a handler"), "{log}");
     // Chained: one SIGUSR1 runs both handlers.

@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 use onsite_core::ProfileKind;
 use onsite_core::test_support::{ChildTest, RunningChild, dump_files};
 
-/// Tells the parent that onsite is installed and the workload runs.
+/// Tells the parent that onsite is installed and the workload runs. Said on stdout and then on
+/// stderr: the two pipes are read by separate threads, so the parent waits for both, and what
+/// install logged before it is in the log once the service is ready.
 pub fn announce_ready() {
     println!("{READY}");
+    eprintln!("{READY}");
 }
 
 /// The line a child prints once ready; libtest may print its own text before it on that line.
@@ -48,7 +51,9 @@ impl Service {
         }
         let mut service = Service { child: child.spawn(), dir: dir.to_owned() };
         let started = Instant::now();
-        while !service.child.stdout().contains(ready) {
+        // A role child (announce_ready) says it on stderr too; a program only on stdout.
+        let on_stderr = ready == READY;
+        while !service.child.stdout().contains(ready) || (on_stderr && !service.log_text().contains(ready)) {
             if !service.is_alive() {
                 panic!("the child exited before it was ready; its log:\n{}", service.log_text());
             }
