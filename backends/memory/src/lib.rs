@@ -25,6 +25,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+mod always_on;
 mod capture;
 mod dhat_mode;
 mod heap_pprof;
@@ -103,17 +104,21 @@ mod in_flight {
         wanted(MODE.load(Ordering::SeqCst)).then_some(entered)
     }
 
-    /// Waits until no call is counted. Those calls only ever wait for each other (dhat's
-    /// lock), never for the control thread, so this ends. A stripe seen at zero may be entered
-    /// again only by a call that then sees the new mode and leaves at once.
+    /// Waits until every call counted before this one started has finished. Those calls only
+    /// ever wait for each other (dhat's lock), never for the control thread, so this ends. A
+    /// stripe once seen at zero is done with: a call that enters it later sees what the caller
+    /// changed before waiting (a new mode, a new walker) and keeps away from the old state, so
+    /// steady traffic (always-on sampling) cannot hold the wait up.
     pub(crate) fn wait_until_none() {
         let started = std::time::Instant::now();
         let mut warned = false;
-        while COUNTS.iter().any(|count| count.load(Ordering::SeqCst) != 0) {
-            std::thread::yield_now();
-            if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
-                warned = true;
-                tracing::warn!("onsite: memory capture stop is still waiting for allocations in progress");
+        for count in &COUNTS {
+            while count.load(Ordering::SeqCst) != 0 {
+                std::thread::yield_now();
+                if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
+                    warned = true;
+                    tracing::warn!("onsite: memory capture stop is still waiting for allocations in progress");
+                }
             }
         }
     }
