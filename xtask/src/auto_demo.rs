@@ -1,6 +1,8 @@
 //! `cargo xtask demo --auto`: no signal is sent. demo-mq runs with one automatic rule scaled to
 //! the demo ("RSS above 100 MB for 10 s"), its planted leak grows RSS, the rule fires, and the
-//! automatic capture's memory profile names the leak.
+//! automatic capture's memory profile names the leak by what holds the memory: demo-mq samples
+//! its heap from the start (`ONSITE_MEMORY_ALWAYS=on`), so the profile counts what leaked before
+//! the rule fired too, not only during its capture.
 
 use std::time::{Duration, Instant};
 
@@ -21,9 +23,11 @@ const FIRE_WITHIN: Duration = Duration::from_secs(120);
 const WRITTEN_WITHIN: Duration = Duration::from_secs(120);
 
 pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
-    println!("\n  $ ONSITE_AUTO=\"{RULE}\" ONSITE_AUTO_INTERVAL={INTERVAL} demo-mq serve   (no signal will be sent)");
-    let mut demo =
-        DemoMq::start("onsite-demo-auto", &[("ONSITE_AUTO", RULE), ("ONSITE_AUTO_INTERVAL", INTERVAL)], 300)?;
+    println!(
+        "\n  $ ONSITE_AUTO=\"{RULE}\" ONSITE_AUTO_INTERVAL={INTERVAL} ONSITE_MEMORY_ALWAYS=on demo-mq serve   (no signal will be sent)"
+    );
+    let env = [("ONSITE_AUTO", RULE), ("ONSITE_AUTO_INTERVAL", INTERVAL), ("ONSITE_MEMORY_ALWAYS", "on")];
+    let mut demo = DemoMq::start("onsite-demo-auto", &env, 300)?;
 
     step("driving load; watching demo-mq's RSS climb towards the rule");
     let start = Instant::now();
@@ -79,10 +83,27 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
         Some((path, _)) => {
             step("memory profile of the automatic capture, decoded in Rust");
             let rows = report::print_top(path, 8, Some("inuse_space"))?;
+            let flat_of = |rows: &[onsite_core::pprof::FunctionTotal]| {
+                rows.iter().filter(|r| r.function == LEAK).map(|r| r.flat).sum::<i64>()
+            };
+            let (held, during) = (flat_of(&rows), flat_of(&report::top(path, Some("alloc_space"))?.2));
             match rows.iter().filter(|r| r.flat > 0).position(|r| r.function == LEAK) {
-                Some(0) => {
-                    println!("  ✔ {LEAK} is #1 by in-use bytes: the leak, found without any signal sent");
+                Some(0) if held > during => {
+                    println!(
+                        "  ✔ {LEAK} is #1 by in-use bytes, holding {} (the capture's own window allocated {}): \
+                         the leak, by what holds the memory, found without any signal sent",
+                        report::human(held, "bytes"),
+                        report::human(during, "bytes")
+                    );
                     true
+                }
+                Some(0) => {
+                    println!(
+                        "  ✘ {LEAK} holds {} in use, no more than the capture allocated ({}): the leak before the rule fired is missing",
+                        report::human(held, "bytes"),
+                        report::human(during, "bytes")
+                    );
+                    false
                 }
                 Some(r) => {
                     println!("  ✘ {LEAK} is #{} by in-use bytes, not #1", r + 1);

@@ -1,7 +1,8 @@
 //! The cost of onsite's allocator: an allocation-heavy loop on 2 threads, run against `System`,
 //! onsite's allocator with no capture, during a sampled capture (default 512 KiB mean), during a
 //! sampled capture that holds ~2000 live sampled blocks (so frees meet a busy sample table, as in
-//! a service with a large heap), and during a dhat capture.
+//! a service with a large heap), with always-on sampling (and a capture of it running), and
+//! during a dhat capture.
 //!
 //! `cargo bench -p onsite-memory` — the headline: throughput ratios, all in one run. Each setup
 //! is measured *beside* `System`: with the setup's capture running, the two take turns in 10 ms
@@ -57,10 +58,12 @@ enum Setup {
     Off,
     Sampled,
     SampledBusy,
+    AlwaysOn,
     Dhat,
 }
 
-const SETUPS: [Setup; 5] = [Setup::System, Setup::Off, Setup::Sampled, Setup::SampledBusy, Setup::Dhat];
+const SETUPS: [Setup; 6] =
+    [Setup::System, Setup::Off, Setup::Sampled, Setup::SampledBusy, Setup::AlwaysOn, Setup::Dhat];
 
 impl Setup {
     fn name(self) -> &'static str {
@@ -69,6 +72,7 @@ impl Setup {
             Setup::Off => "onsite, no capture",
             Setup::Sampled => "onsite, sampled capture (512 KiB)",
             Setup::SampledBusy => "onsite, sampled capture, 1 GiB sampled live (~2000 blocks)",
+            Setup::AlwaysOn => "onsite, always-on sampling (512 KiB), a capture of it running",
             Setup::Dhat => "onsite, dhat capture",
         }
     }
@@ -79,6 +83,7 @@ impl Setup {
             Setup::Off => "off",
             Setup::Sampled => "sampled",
             Setup::SampledBusy => "sampled-busy",
+            Setup::AlwaysOn => "always-on",
             Setup::Dhat => "dhat",
         }
     }
@@ -269,6 +274,14 @@ fn start(setup: Setup) -> (Option<Box<dyn Stopper>>, Vec<Vec<u8>>) {
         Setup::System | Setup::Off => return (None, Vec::new()),
         Setup::Sampled | Setup::SampledBusy => {
             MemoryProfiler::new(MemoryMode::Sampled, env_number("ONSITE_BENCH_SAMPLE_BYTES", DEFAULT_SAMPLE_BYTES))
+        }
+        Setup::AlwaysOn => {
+            // Sampling runs while the profiler or the capture it starts lives: the capture
+            // below keeps it running until its stop.
+            let mut profiler =
+                MemoryProfiler::new(MemoryMode::Sampled, env_number("ONSITE_BENCH_SAMPLE_BYTES", DEFAULT_SAMPLE_BYTES));
+            profiler.sample_always().unwrap();
+            profiler
         }
         Setup::Dhat => MemoryProfiler::new(MemoryMode::Dhat, 1),
     };

@@ -20,7 +20,9 @@
 //!
 //! Both write `…-memory-….pprof` with `alloc_objects`, `alloc_space`, `inuse_objects`,
 //! `inuse_space` (default), where "in use" means allocated during the capture and still live
-//! when it stopped.
+//! when it stopped. With [`MemoryProfiler::sample_always`] the sampled mode runs from that call
+//! on, and "in use" is every sampled block live when the capture stopped, whatever its age (Go's
+//! heap profile); `alloc_*` stays the capture's window.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
