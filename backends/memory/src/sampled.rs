@@ -37,8 +37,10 @@
 //!   Only the pages around the heap's hot parts are ever touched. A free whose class holds
 //!   entries first looks for its address without writing anything; only a block that really
 //!   was sampled takes the counted (`in_flight`) path that updates the tables.
-//! - **Full tables** drop the sample (counted, logged and written as a profile comment) rather
-//!   than block or allocate.
+//! - **Full tables** never block or allocate, and never make a wrong profile: a sample whose
+//!   stack finds `SITES` full is counted and its block tracked under the `STACK_NOT_KEPT` index
+//!   (written as one named pseudo-frame); one the live table cannot hold is counted in
+//!   `UNTRACKED` (written as another, `alloc_*` only). Both are logged and said in comments.
 //! - **Stop**: the mode goes to `DRAINING` (everything to `System`, and no other capture can
 //!   start), then the stop waits for calls already inside the tables (counted in `in_flight`,
 //!   only on the rare paths: a sample, or the free of a sampled block). After that the tables
