@@ -19,6 +19,9 @@ pub enum ProfileKind {
     Trace,
     /// Threads created during the capture, by creating stack.
     ThreadCreate,
+    /// CPU samples of the minutes before a capture began, from the always-on CPU flight
+    /// recorder (written at a capture's start when the recorder runs).
+    CpuBefore,
     /// Every thread's stack right now (SIGUSR1), not part of a toggled capture.
     Threads,
     /// The per-capture manifest: why it started, which files it wrote.
@@ -36,10 +39,24 @@ impl ProfileKind {
         ProfileKind::ThreadCreate,
     ];
 
+    /// Every kind of file onsite writes, in the order a capture's files are listed.
+    pub const FILES: [ProfileKind; 9] = [
+        ProfileKind::Cpu,
+        ProfileKind::CpuBefore,
+        ProfileKind::Memory,
+        ProfileKind::Mutex,
+        ProfileKind::Block,
+        ProfileKind::Trace,
+        ProfileKind::ThreadCreate,
+        ProfileKind::Threads,
+        ProfileKind::Manifest,
+    ];
+
     /// The name used in file names and in configuration.
     pub const fn as_str(self) -> &'static str {
         match self {
             ProfileKind::Cpu => "cpu",
+            ProfileKind::CpuBefore => "cpu-before",
             ProfileKind::Memory => "memory",
             ProfileKind::Mutex => "mutex",
             ProfileKind::Block => "block",
@@ -75,9 +92,8 @@ impl FromStr for ProfileKind {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let word = s.trim();
-        ProfileKind::CAPTURED
+        ProfileKind::FILES
             .into_iter()
-            .chain([ProfileKind::Threads, ProfileKind::Manifest])
             .find(|k| k.as_str().eq_ignore_ascii_case(word))
             .ok_or_else(|| UnknownKind(word.to_owned()))
     }
@@ -90,6 +106,9 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_its_name() {
         for kind in ProfileKind::CAPTURED {
+            assert_eq!(kind.as_str().parse::<ProfileKind>(), Ok(kind));
+        }
+        for kind in ProfileKind::FILES {
             assert_eq!(kind.as_str().parse::<ProfileKind>(), Ok(kind));
         }
         assert_eq!(" CPU ".parse::<ProfileKind>(), Ok(ProfileKind::Cpu));

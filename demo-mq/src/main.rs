@@ -16,8 +16,15 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::prelude::*;
 
 /// onsite's allocator: one relaxed load on top of `System` until a memory capture runs.
+#[cfg(not(feature = "jemalloc"))]
 #[global_allocator]
 static ALLOC: onsite::memory::Allocator = onsite::memory::Allocator::new();
+
+/// With the `jemalloc` feature, the same over jemalloc.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: onsite::memory::Allocator<tikv_jemallocator::Jemalloc> =
+    onsite::memory::Allocator::wrapping(tikv_jemallocator::Jemalloc);
 
 #[derive(Parser)]
 #[command(version, about = "A small message queue with planted problems, run against onsite")]

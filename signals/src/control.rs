@@ -64,6 +64,8 @@ struct Capture {
     deadline: Instant,
     /// Whether the deadline is the rule's capture duration rather than the maximum.
     rule_deadline: bool,
+    /// The window of the capture's `cpu-before` file, if the flight recorder wrote one.
+    before_window: Option<crate::backends::Window>,
     termination_guard: TerminationGuard,
 }
 
@@ -85,6 +87,8 @@ pub(crate) struct Setup {
 
 pub(crate) struct Controller {
     setup: Setup,
+    /// Started when the control thread starts, stopped when it ends.
+    recorders: crate::backends::Recorders,
     commands: mpsc::Receiver<Command>,
     wake_reader: std::os::unix::net::UnixStream,
     capture: Option<Capture>,
@@ -99,7 +103,7 @@ impl Controller {
         commands: mpsc::Receiver<Command>,
         wake_reader: std::os::unix::net::UnixStream,
     ) -> Self {
-        Controller { setup, commands, wake_reader, capture: None }
+        Controller { setup, recorders: Default::default(), commands, wake_reader, capture: None }
     }
 
     pub(crate) fn run(mut self) {
@@ -108,6 +112,7 @@ impl Controller {
         tracing::debug!(tid = unsafe { libc::gettid() }, "onsite: control thread running");
         // Dumps of earlier runs count against the limits too; a restart is when they pile up.
         retention::enforce(&self.setup.dir, self.setup.retention, None);
+        self.recorders = self.setup.backends.start_recorders();
         loop {
             let now = Instant::now();
             let deadline = self.capture.as_ref().map(|c| c.deadline);
@@ -220,6 +225,8 @@ impl Controller {
         };
         let output = CaptureOutput::new(dir.clone(), CaptureStamp::now());
         let started_wall = SystemTime::now();
+        // Taken before any kind starts (so it ends where the capture begins), written after.
+        let before = self.recorders.snapshot();
         let mut stoppers = Vec::new();
         let mut failures = Vec::new();
         for profiler in self.setup.profilers.iter_mut().filter(|p| wanted.contains(&p.kind())) {
@@ -236,6 +243,8 @@ impl Controller {
                 }
             }
         }
+        let (before_window, before_failures) = before.write(&output);
+        failures.extend(before_failures);
         let kinds: Vec<ProfileKind> =
             self.setup.profilers.iter().map(|p| p.kind()).filter(|k| wanted.contains(k)).collect();
         let started: Vec<&str> = stoppers.iter().map(|(k, _)| k.as_str()).collect();
@@ -261,6 +270,7 @@ impl Controller {
             started_wall,
             deadline: now + length,
             rule_deadline,
+            before_window,
             termination_guard: TerminationGuard::arm(),
         });
         true
@@ -304,6 +314,7 @@ impl Controller {
             kinds: &capture.kinds,
             files: &profiles,
             failures: &failures,
+            before_window: capture.before_window,
         };
         if let Err(e) = manifest::write(&capture.output, &record) {
             tracing::error!(error = %e.message, "onsite: could not write the capture's manifest");

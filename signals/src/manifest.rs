@@ -37,6 +37,8 @@ pub(crate) struct Record<'a> {
     pub(crate) kinds: &'a [ProfileKind],
     pub(crate) files: &'a [(ProfileKind, WrittenFile)],
     pub(crate) failures: &'a [(ProfileKind, String)],
+    /// The window the `cpu-before` file covers, if one was written.
+    pub(crate) before_window: Option<(SystemTime, SystemTime)>,
 }
 
 /// Writes the manifest through `out` (so it is all-or-nothing, 0600, named like the rest).
@@ -79,6 +81,13 @@ fn to_json(out: &CaptureOutput, r: &Record<'_>) -> Value {
         "kinds": r.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
         "files": files,
         "failed": failed,
+        "cpu_before": r.before_window.map(|(from, until)| json!({
+            "from": iso(from),
+            "from_unix_ms": unix_ms(from),
+            "until": iso(until),
+            "until_unix_ms": unix_ms(until),
+            "seconds": until.duration_since(from).map_or(0.0, |d| d.as_secs_f64()),
+        })),
     })
 }
 

@@ -195,11 +195,11 @@ pub(crate) fn parse_own_name<'a>(name: &'a str, command: &str) -> Option<OwnName
         return None;
     }
     let pid: u32 = pid.parse().ok()?;
-    let (kind_text, rest) = rest.split_once('-')?;
-    let kind = ProfileKind::CAPTURED
+    // A kind's name may itself hold a dash (`cpu-before`): the longest name that fits wins.
+    let (kind, rest) = ProfileKind::FILES
         .into_iter()
-        .chain([ProfileKind::Threads, ProfileKind::Manifest])
-        .find(|k| k.as_str() == kind_text)?;
+        .filter_map(|k| Some((k, rest.strip_prefix(k.as_str())?.strip_prefix('-')?)))
+        .max_by_key(|(k, _)| k.as_str().len())?;
     // 20261127T121530.123Z, then an optional -N, then .ext
     let time = rest.get(..20)?;
     let b = time.as_bytes();
@@ -282,6 +282,8 @@ mod tests {
         let n = parse_own_name("demo-mq-7-memory-20261127T121530.123Z-3.dhat.json", "demo-mq").unwrap();
         assert_eq!((n.kind, n.stamp, n.sequence), (ProfileKind::Memory, "20261127T121530.123Z-3", 3));
         assert!(parse_own_name("svc-42-threadcreate-20261127T121530.123Z.pprof", "svc").is_some());
+        let n = parse_own_name("svc-42-cpu-before-20261127T121530.123Z.pprof", "svc").unwrap();
+        assert_eq!((n.kind, n.stamp), (ProfileKind::CpuBefore, "20261127T121530.123Z"));
         for other in [
             "other-42-cpu-20261127T121530.123Z.pprof",        // another command
             "svc2-42-cpu-20261127T121530.123Z.pprof",         // a command with ours as a prefix

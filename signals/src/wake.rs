@@ -93,6 +93,7 @@ pub(crate) fn register_fork_handler() {
 
 extern "C" fn in_forked_child() {
     WAKE_FD.store(-1, Ordering::Release);
+    crate::backends::forget_after_fork();
     let armed = ARMED.swap(0, Ordering::AcqRel);
     for (i, sig) in TERMINATION_SIGNALS.into_iter().enumerate() {
         if armed & bit(sig) == 0 {

@@ -2,7 +2,8 @@
 //! the demo ("RSS above 100 MB for 10 s"), its planted leak grows RSS, the rule fires, and the
 //! automatic capture's memory profile names the leak by what holds the memory: demo-mq samples
 //! its heap from the start (`ONSITE_MEMORY_ALWAYS=on`), so the profile counts what leaked before
-//! the rule fired too, not only during its capture.
+//! the rule fired too, not only during its capture. The CPU flight recorder runs too, so the
+//! capture also holds the CPU of the minutes before the rule fired (`cpu-before`).
 
 use std::time::{Duration, Instant};
 
@@ -18,15 +19,25 @@ const THRESHOLD_BYTES: u64 = 100_000_000;
 const INTERVAL: &str = "1s";
 /// The leak, which must be the top function of the memory profile by in-use bytes.
 const LEAK: &str = "demo_mq::broker::record_ack";
+/// The flight recorder: the demo's whole run fits in its window.
+const RECORDER: &str = "2m@19Hz";
+/// demo-mq's CPU hot spot, which the CPU before the rule fired must show.
+const HOT: &str = "demo_mq::broker::checksum_payload";
 /// How long to wait for the rule to fire and for its capture to be written.
 const FIRE_WITHIN: Duration = Duration::from_secs(120);
 const WRITTEN_WITHIN: Duration = Duration::from_secs(120);
 
 pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
     println!(
-        "\n  $ ONSITE_AUTO=\"{RULE}\" ONSITE_AUTO_INTERVAL={INTERVAL} ONSITE_MEMORY_ALWAYS=on demo-mq serve   (no signal will be sent)"
+        "\n  $ ONSITE_AUTO=\"{RULE}\" ONSITE_AUTO_INTERVAL={INTERVAL} ONSITE_CPU_RECORDER={RECORDER} \
+         ONSITE_MEMORY_ALWAYS=on demo-mq serve   (no signal will be sent)"
     );
-    let env = [("ONSITE_AUTO", RULE), ("ONSITE_AUTO_INTERVAL", INTERVAL), ("ONSITE_MEMORY_ALWAYS", "on")];
+    let env = [
+        ("ONSITE_AUTO", RULE),
+        ("ONSITE_AUTO_INTERVAL", INTERVAL),
+        ("ONSITE_CPU_RECORDER", RECORDER),
+        ("ONSITE_MEMORY_ALWAYS", "on"),
+    ];
     let mut demo = DemoMq::start("onsite-demo-auto", &env, 300)?;
 
     step("driving load; watching demo-mq's RSS climb towards the rule");
@@ -120,10 +131,34 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
             false
         }
     };
+    let before = files.iter().find(|(p, _)| kind_of(p) == "cpu-before");
+    let before_found = match before {
+        Some((path, _)) => {
+            step("the CPU of the minutes before the rule fired (the flight recorder's cpu-before file)");
+            let rows = report::print_top(path, 6, Some("cpu"))?;
+            match rows.iter().filter(|r| r.flat > 0).position(|r| r.function == HOT) {
+                Some(r) if r < 3 => {
+                    println!("  ✔ {HOT} is #{} by CPU before the capture began", r + 1);
+                    true
+                }
+                _ => {
+                    println!("  ✘ {HOT} is not in the top 3 of the CPU before the capture");
+                    false
+                }
+            }
+        }
+        None => {
+            println!("  ✘ no cpu-before file (is the flight recorder running?); see {}", demo.log.display());
+            false
+        }
+    };
     println!();
     println!("  demo-mq's own log: {}", demo.log.display());
     if !found && args.strict {
         return Err(format!("the automatic capture did not name {LEAK} first"));
+    }
+    if !before_found && args.strict {
+        return Err(format!("the CPU before the automatic capture did not show {HOT}"));
     }
     Ok(())
 }

@@ -156,8 +156,13 @@ impl DemoMq {
 /// `demo-mq-{pid}-{kind}-{timestamp}.{ext}` → `kind`.
 pub(crate) fn kind_of(path: &Path) -> String {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    // The command itself contains a dash: skip `demo`, `mq` and the pid.
-    name.split('-').nth(3).unwrap_or("").to_owned()
+    // The command itself contains a dash: skip `demo`, `mq` and the pid. One kind has a dash
+    // of its own.
+    let rest: Vec<&str> = name.splitn(4, '-').collect();
+    match rest.get(3) {
+        Some(rest) if rest.starts_with("cpu-before-") => "cpu-before".to_owned(),
+        _ => name.split('-').nth(3).unwrap_or("").to_owned(),
+    }
 }
 
 /// Polls `probe` every 100 ms until it answers or `limit` passes.

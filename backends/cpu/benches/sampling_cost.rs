@@ -10,6 +10,9 @@
 //! - **cost**: throughput of two busy threads with a capture running / without, alternating
 //!   rounds (median over rounds, plus spread), at 99 Hz and 999 Hz.
 //!
+//! - **flight recorder**: throughput per process CPU-second with the always-on recorder at its
+//!   default 19 Hz / without, and its memory with 64 threads (`-- --recorder` runs only this).
+//!
 //! Run: `cargo bench -p onsite-cpu --bench sampling_cost`.
 
 #![allow(clippy::print_stdout)]
@@ -74,31 +77,59 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// One busy thread's count of work units, on a cache line of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Units(AtomicU64);
+
+/// `THREADS` threads doing work units until stopped, each publishing its own count.
+struct BusyThreads {
+    stop: Arc<AtomicBool>,
+    units: Vec<Arc<Units>>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl BusyThreads {
+    fn start() -> BusyThreads {
+        let stop = Arc::new(AtomicBool::new(false));
+        let units: Vec<Arc<Units>> = (0..THREADS).map(|_| Arc::default()).collect();
+        let threads = units
+            .iter()
+            .enumerate()
+            .map(|(t, units)| {
+                let (stop, units) = (Arc::clone(&stop), Arc::clone(units));
+                std::thread::spawn(move || {
+                    let (mut n, mut acc) = (0u64, t as u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        acc = work_unit(acc);
+                        n += 1;
+                        units.0.store(n, Ordering::Relaxed);
+                    }
+                    std::hint::black_box(acc);
+                    n
+                })
+            })
+            .collect();
+        BusyThreads { stop, units, threads }
+    }
+
+    /// Units done so far.
+    fn units(&self) -> u64 {
+        self.units.iter().map(|u| u.0.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Stops the threads; the units they did in all.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.into_iter().map(|t| t.join().unwrap()).sum()
+    }
+}
+
 /// Units of work done by `THREADS` threads in `round`.
 fn run_round(round: Duration) -> u64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                let mut acc = t as u64;
-                while !stop.load(Ordering::Relaxed) {
-                    acc = work_unit(acc);
-                    n += 1;
-                }
-                std::hint::black_box(acc);
-                done.fetch_add(n, Ordering::Relaxed);
-            })
-        })
-        .collect();
+    let busy = BusyThreads::start();
     std::thread::sleep(round);
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    done.load(Ordering::Relaxed)
+    busy.stop()
 }
 
 /// Busy threads named `busy-N`, each busy `duty` of the time (in 4 ms slices), for `run`;
@@ -178,6 +209,9 @@ fn main() {
     let len = if std::env::args().any(|a| a == "--bench") { &MEASURE } else { &QUICK };
     if std::ptr::eq(len, &QUICK) {
         println!("quick pass (no --bench): checks that the benchmark runs; its figures are not measurements");
+    }
+    if std::env::args().any(|a| a == "--recorder") {
+        return recorder_cost(len); // only the flight recorder's part
     }
     let profiler = |hz: u32, per_thread: bool| CpuProfiler::new(hz, false).per_thread_timers(per_thread);
     // The first profiler of the process warms pprof-rs up in the background; a service has it
@@ -284,4 +318,109 @@ fn main() {
             );
         }
     }
+
+    recorder_cost(len);
+}
+
+/// `CLOCK_PROCESS_CPUTIME_ID`: every thread's CPU, the recorder's own thread included.
+fn process_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The flight recorder's cost: two long-lived busy threads (the recorder arms the threads alive
+/// when it starts at once), slices with the recorder running alternating with slices without;
+/// throughput per CPU-second of the whole process, so what other processes take of the machine
+/// cancels out and the recorder's own thread counts against it.
+fn recorder_cost(len: &Lengths) {
+    use onsite_cpu::{FlightRecorder, flight_recorder};
+    println!(
+        "\nflight recorder at {} Hz: throughput per process CPU-second with it / without ({} alternating pairs of {:?}, {THREADS} threads)",
+        flight_recorder::DEFAULT_HZ,
+        len.rounds,
+        len.round
+    );
+    let busy = BusyThreads::start();
+    let slice = || {
+        let (units, cpu) = (busy.units(), process_cpu());
+        std::thread::sleep(len.round);
+        (busy.units() - units) as f64 / (process_cpu() - cpu).as_secs_f64()
+    };
+    slice(); // warm-up
+    let mut ratios = Vec::new();
+    let mut armed = 0;
+    for _ in 0..len.rounds {
+        let without = slice();
+        let recorder = FlightRecorder::start(flight_recorder::DEFAULT_WINDOW, flight_recorder::DEFAULT_HZ).unwrap();
+        armed = flight_recorder::timers_armed();
+        let with = slice();
+        recorder.stop();
+        ratios.push(with / without);
+    }
+    busy.stop();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "  median {:.4} (min {:.4}, max {:.4}); {armed} threads armed",
+        ratios[len.rounds / 2],
+        ratios[0],
+        ratios[len.rounds - 1]
+    );
+    if len.rounds > 1 {
+        recorder_memory();
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// What the recorder takes with 64 threads of many different stacks for 20 s at its default
+/// rate: the process's RSS with it running, minus the same threads' RSS before it started.
+fn recorder_memory() {
+    use onsite_cpu::{FlightRecorder, flight_recorder};
+    #[inline(never)]
+    fn nested(depth: u32, stop: &AtomicBool) -> u64 {
+        if depth == 0 {
+            let mut acc = 0;
+            while !stop.load(Ordering::Relaxed) {
+                acc = work_unit(acc);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            acc
+        } else {
+            nested(depth - 1, stop) ^ u64::from(depth)
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..64u32)
+        .map(|t| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || nested(t % 48, &stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = rss_kib();
+    let recorder = FlightRecorder::start(flight_recorder::DEFAULT_WINDOW, flight_recorder::DEFAULT_HZ).unwrap();
+    let armed = flight_recorder::timers_armed();
+    std::thread::sleep(Duration::from_secs(20));
+    let during = rss_kib();
+    recorder.stop();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        std::hint::black_box(t.join().unwrap());
+    }
+    println!(
+        "  memory, 64 threads ({armed} armed), 20 s at {} Hz: RSS +{} KiB with the recorder; its fixed ring and \
+         stack table are {} KiB ({} slots of {} stacks of {} frames), the same for any window and any number of \
+         threads, plus one kernel timer per thread",
+        flight_recorder::DEFAULT_HZ,
+        during.saturating_sub(before),
+        flight_recorder::memory_bytes() / 1024,
+        flight_recorder::RING_SLOTS,
+        flight_recorder::STACKS,
+        flight_recorder::DEPTH
+    );
 }

@@ -34,6 +34,7 @@
 //! - **SIGPROF after stop**: pprof-rs leaves SIGPROF ignored when it stops, so a late tick cannot
 //!   kill the process ("Profiling timer expired"). Nothing here restores SIG_DFL.
 
+mod recorder;
 mod sample_count;
 mod sampling_clock;
 mod thread_timers;
@@ -48,6 +49,16 @@ use onsite_core::{CaptureError, CaptureOutput, NoopStopper, ProfileKind, Profile
 /// The default sampling rate, per CPU-second of each thread (Go's is 100 Hz). Per-thread
 /// timers deliver higher rates too (see BENCHMARKS.md); 99 Hz keeps the cost near 1-2% of a
 /// busy thread and stays off the kernel's tick multiples.
+pub use recorder::{BeforeSnapshot, FlightRecorder, RecorderError};
+
+/// The flight recorder's constants and state, for configuration and tests.
+pub mod flight_recorder {
+    pub use crate::recorder::{
+        DEFAULT_HZ, DEFAULT_WINDOW, DEPTH, RING_SLOTS, STACKS, forget_after_fork, is_running, memory_bytes,
+        timers_armed,
+    };
+}
+
 pub const DEFAULT_FREQUENCY_HZ: u32 = 99;
 
 /// Shared libraries whose code is never unwound from (matched as substrings of their paths).
@@ -142,6 +153,7 @@ impl Stopper for CpuStopper {
         let wall = self.started.elapsed();
         let cpu_used = process_cpu_time().saturating_sub(self.cpu_before);
         drop(self.guard);
+        recorder::after_capture();
         let report = report?;
 
         let period_ns = 1_000_000_000 / i64::from(self.frequency_hz);

@@ -82,18 +82,7 @@ pub(crate) fn install() -> Result<(), String> {
         return Err("SIGPROF has no handler to count for".into());
     }
     PPROF_HANDLER.store(current.sa_sigaction, Ordering::Release);
-    // SAFETY: a zeroed sigaction with our handler, SA_SIGINFO like pprof-rs's (SIGPROF itself is
-    // blocked while it runs, so it never nests on one thread).
-    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-    action.sa_sigaction = ours;
-    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: initialises the set we own.
-    unsafe { libc::sigemptyset(&mut action.sa_mask) };
-    // SAFETY: installs a valid action for SIGPROF; the previous one is kept in PPROF_HANDLER.
-    if unsafe { libc::sigaction(libc::SIGPROF, &action, std::ptr::null_mut()) } != 0 {
-        return Err(format!("sigaction(SIGPROF): {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    set_handler()
 }
 
 /// The counts since [`install`]. Read after the capture's timers are deleted.
@@ -120,9 +109,57 @@ struct TimerSigInfo {
     _pad: libc::c_int,
     timer_id: libc::c_int,
     overrun: libc::c_int,
+    /// The timer's `sigev_value`: which set of timers it belongs to.
+    value: usize,
+}
+
+/// Installs the handler with no pprof-rs behind it, for the flight recorder while no capture
+/// runs (a capture's [`install`] puts it in front of pprof-rs's again).
+pub(crate) fn install_alone() -> Result<(), String> {
+    PPROF_HANDLER.store(0, Ordering::Release);
+    set_handler()
+}
+
+/// Forgets pprof-rs's handler: called once a capture's guard is gone, before anything puts
+/// this handler back for the recorder.
+pub(crate) fn detach_pprof() {
+    PPROF_HANDLER.store(0, Ordering::Release);
+}
+
+/// When the recorder stops with no capture running: leaves SIGPROF ignored (as pprof-rs does
+/// when a capture stops), so no handler of onsite's stays behind and a late signal is harmless.
+pub(crate) fn release_if_alone() {
+    if PPROF_HANDLER.load(Ordering::Acquire) == 0 {
+        // SAFETY: SIG_IGN is a valid disposition for SIGPROF.
+        unsafe { libc::signal(libc::SIGPROF, libc::SIG_IGN) };
+    }
+}
+
+fn set_handler() -> Result<(), String> {
+    // SAFETY: a zeroed sigaction with our handler, SA_SIGINFO like pprof-rs's (SIGPROF itself is
+    // blocked while it runs, so it never nests on one thread).
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigprof as SigAction as usize;
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: initialises the set we own.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: installs a valid action for SIGPROF.
+    if unsafe { libc::sigaction(libc::SIGPROF, &action, std::ptr::null_mut()) } != 0 {
+        return Err(format!("sigaction(SIGPROF): {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 extern "C" fn on_sigprof(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    if !info.is_null() {
+        // SAFETY: as below; `value` is read only for a POSIX timer's signal.
+        let timer = unsafe { &*(info as *const TimerSigInfo) };
+        if timer.code == libc::SI_TIMER && timer.value == thread_timers::TAG_RECORDER {
+            let overrun = u32::try_from(timer.overrun).unwrap_or(0);
+            crate::recorder::on_recorder_signal(1 + overrun, context);
+            return;
+        }
+    }
     if SIGNALS.fetch_add(1, Ordering::Relaxed) == 0 {
         FIRST_SAMPLE_NS.store(thread_timers::monotonic_ns(), Ordering::Release);
     }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::sample_count::{self, SampleCounts};
-use crate::thread_timers::{ThreadTimers, TimerStats};
+use crate::thread_timers::{self, Rescan, ThreadTimers, TimerStats};
 
 /// The clock of a running capture. Started right after pprof-rs's guard is built, stopped
 /// (every timer deleted) before the guard is dropped.
@@ -56,7 +56,7 @@ impl SamplingClock {
             };
         }
         set_process_timer(0);
-        match ThreadTimers::start(frequency_hz) {
+        match ThreadTimers::start(&thread_timers::CAPTURE, frequency_hz, Rescan::OwnThread) {
             Ok(timers) => SamplingClock { timers: Some(timers), fallback: None, counting, begun_ns, armed_ns },
             Err(unavailable) => {
                 set_process_timer(frequency_hz);

@@ -21,6 +21,8 @@ pub(crate) fn begin() {
             let _own = onsite_core::own_work::OwnThread::register();
             // `Running`: the service runs a pprof-rs profiler of its own, which is warm anyway.
             drop(pprof::ProfilerGuardBuilder::default().frequency(1).build());
+            // The guard left SIGPROF ignored; a flight recorder started meanwhile needs it back.
+            crate::recorder::after_capture();
         });
         match spawned {
             Ok(handle) => *RUNNING.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle),

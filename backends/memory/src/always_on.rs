@@ -18,7 +18,7 @@
 //!   is full, a new stack's samples are still counted and tracked under one named pseudo-frame,
 //!   and a sample the live table cannot hold is counted under another (alloc only).
 //! - **fork**: the child handler moves the mode to `FORKED` as for a capture: the child's
-//!   allocations all go to `System`, and its copy of the sampler does nothing when dropped.
+//!   allocations all go to the inner allocator, and its copy of the sampler does nothing when dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +32,8 @@ use crate::{ForkGuard, sampled, stack_walk};
 #[derive(Debug)]
 pub(crate) struct Sampler {
     mean_bytes: u64,
+    /// The inner allocator the probe found when sampling started.
+    inner: &'static crate::Inner,
     since: Instant,
     /// Whether a capture ([`WindowStopper`]) is running: one at a time.
     capturing: AtomicBool,
@@ -46,19 +48,21 @@ pub(crate) fn running() -> bool {
     RUNNING.load(Ordering::SeqCst)
 }
 
-/// Starts always-on sampling; the caller has claimed the mode (it is `PROBE`).
-pub(crate) fn start(mean_bytes: u64) -> Sampler {
+/// Starts always-on sampling over the global allocator's `inner` allocator; the caller has
+/// claimed the mode (it is `PROBE`), and the probe found `inner`.
+pub(crate) fn start(mean_bytes: u64, inner: &'static crate::Inner) -> Sampler {
     RUNNING.store(true, Ordering::SeqCst);
     let since = Instant::now();
     let mean_bytes = sampled::begin(mean_bytes);
     tracing::info!(
         mean_bytes,
+        allocator = inner.name(),
         table_bytes = sampled::table_bytes(),
         "onsite: always-on heap sampling started: one sample per {mean_bytes} bytes allocated on average; \
          its tables are fixed ({})",
         sampled::table_limits()
     );
-    Sampler { mean_bytes, since, capturing: AtomicBool::new(false), fork: ForkGuard::new() }
+    Sampler { mean_bytes, inner, since, capturing: AtomicBool::new(false), fork: ForkGuard::new() }
 }
 
 impl Drop for Sampler {
@@ -109,6 +113,7 @@ impl Stopper for WindowStopper {
         }
         let window = sampled::Window {
             mean_bytes: self.sampler.mean_bytes,
+            inner: self.sampler.inner,
             started: self.started,
             duration: self.clock.elapsed(),
             baseline: &self.baseline,

@@ -101,8 +101,8 @@ impl MemoryProfiler {
                 "always-on sampling needs the sampled mode: under dhat, frees bypass the sampler's tables",
             ));
         }
-        claim()?;
-        self.always_on = Some(Arc::new(always_on::start(self.sample_bytes)));
+        let inner = claim()?;
+        self.always_on = Some(Arc::new(always_on::start(self.sample_bytes, inner)));
         Ok(())
     }
 
@@ -118,11 +118,11 @@ impl Default for MemoryProfiler {
     }
 }
 
-/// Claims the allocator for a capture or for always-on sampling (the mode is `PROBE` after),
-/// or says why it cannot.
-fn claim() -> Result<(), CaptureError> {
+/// Claims the allocator for a capture or for always-on sampling (the mode is `PROBE` after)
+/// and returns the inner allocator the probe found under it, or says why it cannot.
+fn claim() -> Result<&'static crate::Inner, CaptureError> {
     let reason = match crate::claim_and_probe() {
-        Ok(()) => return Ok(()),
+        Ok(inner) => return Ok(inner),
         Err(true) if crate::MODE.load(std::sync::atomic::Ordering::SeqCst) == crate::mode::FORKED => {
             "this process was forked while its parent captured memory: memory captures are off in it"
         }
@@ -151,11 +151,29 @@ impl Profiler for MemoryProfiler {
         if let Some(sampler) = &self.always_on {
             return Ok(Box::new(always_on::start_capture(sampler)?));
         }
-        claim()?;
+        let inner = claim()?;
         // The mode is PROBE here and this capture owns it.
         Ok(match self.mode {
+            MemoryMode::Dhat if !inner.is_system() => {
+                crate::release_claim();
+                return Err(dhat_needs_system(inner.name()));
+            }
             MemoryMode::Dhat => Box::new(dhat_mode::start()),
-            MemoryMode::Sampled => Box::new(sampled::start(self.sample_bytes)),
+            MemoryMode::Sampled => Box::new(sampled::start(self.sample_bytes, inner)),
         })
     }
+}
+
+/// Why a dhat capture refuses to start over `inner`: dhat allocates and frees through `System`,
+/// so a block the inner allocator handed out before the capture would be freed through
+/// `System` during it (and a block dhat handed out freed through the inner one after it).
+fn dhat_needs_system(inner: &str) -> CaptureError {
+    CaptureError::new(
+        ProfileKind::Memory,
+        format!(
+            "the dhat memory mode needs onsite::memory::Allocator over std::alloc::System (dhat allocates \
+             and frees through it), but this program's global allocator is onsite::memory::Allocator over \
+             {inner}: no memory capture; use ONSITE_MEMORY_MODE=sampled, which works over {inner}"
+        ),
+    )
 }

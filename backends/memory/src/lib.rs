@@ -1,31 +1,40 @@
 //! onsite-memory: heap captures, exact (dhat) or sampled, written as Go-style heap pprof.
 //!
-//! A library cannot choose a program's global allocator, so a service opts in with one line:
+//! A library cannot choose a program's global allocator, so a service opts in with one line,
+//! over `System` or over the allocator it already uses:
 //!
 //! ```ignore
 //! #[global_allocator]
 //! static ALLOC: onsite::memory::Allocator = onsite::memory::Allocator::new();
+//! // or, over jemalloc / mimalloc:
+//! static ALLOC: onsite::memory::Allocator<tikv_jemallocator::Jemalloc> =
+//!     onsite::memory::Allocator::wrapping(tikv_jemallocator::Jemalloc);
+//! static ALLOC: onsite::memory::Allocator<mimalloc::MiMalloc> = onsite::memory::Allocator::wrapping(mimalloc::MiMalloc);
 //! ```
 //!
-//! [`Allocator`] costs one relaxed atomic load and a call to [`System`] while no capture runs.
-//! A capture is started and stopped by [`MemoryProfiler`] (an `onsite_core::Profiler`) in one of
-//! two [`MemoryMode`]s:
+//! [`Allocator`] costs one relaxed atomic load and a call to its inner allocator while no
+//! capture runs. A capture is started and stopped by [`MemoryProfiler`] (an
+//! `onsite_core::Profiler`) in one of two [`MemoryMode`]s:
 //!
-//! - [`MemoryMode::Sampled`] (the default): one allocation per ~512 KiB allocated (per thread,
-//!   exponential intervals like Go's `MemProfileRate`) records its stack; the rest cost a
-//!   thread-local subtraction. Estimates are scaled back like Go's `scaleHeapSample`.
-//! - [`MemoryMode::Dhat`]: every allocation goes through `dhat::Alloc` (a backtrace under a
-//!   global lock each, roughly two orders of magnitude slower); exact counts, plus dhat's JSON
-//!   for `dh_view.html`.
+//! - [`MemoryMode::Sampled`] (the default, over any inner allocator): one allocation per
+//!   ~512 KiB allocated (per thread, exponential intervals like Go's `MemProfileRate`) records
+//!   its stack; the rest cost a thread-local subtraction. Estimates are scaled back like Go's
+//!   `scaleHeapSample`.
+//! - [`MemoryMode::Dhat`] (over [`System`] only: dhat allocates and frees through it): every
+//!   allocation goes through `dhat::Alloc` (a backtrace under a global lock each, roughly two
+//!   orders of magnitude slower); exact counts, plus dhat's JSON for `dh_view.html`.
 //!
 //! Both write `…-memory-….pprof` with `alloc_objects`, `alloc_space`, `inuse_objects`,
 //! `inuse_space` (default), where "in use" means allocated during the capture and still live
 //! when it stopped. With [`MemoryProfiler::sample_always`] the sampled mode runs from that call
-//! on, and "in use" is every sampled block live when the capture stopped, whatever its age (Go's
-//! heap profile); `alloc_*` stays the capture's window.
+//! on (over any inner allocator, probed at that call as at a capture's start), and "in use" is
+//! every sampled block live when the capture stopped, whatever its age (Go's heap profile);
+//! `alloc_*` stays the capture's window.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::any::TypeId;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 mod always_on;
 mod capture;
@@ -58,9 +67,45 @@ impl<T> std::ops::Deref for CacheLine<T> {
     }
 }
 
-/// Set by any allocation routed through [`Allocator`] while [`MODE`] is `PROBE`: proof that it
-/// is the process's global allocator.
-static PROBE_SEEN: AtomicBool = AtomicBool::new(false);
+/// Set by the probe's own allocation when it comes through [`Allocator`] (while [`MODE`] is
+/// `PROBE`): proof that an `Allocator` is the process's global allocator, and which inner
+/// allocator it hands calls to. Null until then.
+static PROBE_SEEN: AtomicPtr<Inner> = AtomicPtr::new(std::ptr::null_mut());
+
+thread_local! {
+    /// Set on the thread running the probe, around its one allocation, so only that allocation
+    /// answers it (not an `Allocator` another thread calls directly rather than as the global
+    /// allocator). Const-initialised, no destructor: readable from the allocator at any point of
+    /// a thread's life.
+    static PROBING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The inner allocator of an [`Allocator`], as the probe reports it. One per inner type, in
+/// static memory (an associated constant), so the allocator publishes it with one pointer
+/// store and nothing else.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    type_id: fn() -> TypeId,
+    type_name: fn() -> &'static str,
+}
+
+impl Inner {
+    /// Whether the inner allocator is [`System`], the only one the dhat mode can sit on.
+    pub(crate) fn is_system(&self) -> bool {
+        (self.type_id)() == TypeId::of::<System>()
+    }
+
+    /// The inner allocator's type, e.g. `tikv_jemallocator::Jemalloc`.
+    pub(crate) fn name(&self) -> &'static str {
+        (self.type_name)()
+    }
+}
+
+/// Whether `A` is [`System`]: a constant once monomorphised.
+#[inline(always)]
+fn is_system<A: 'static>() -> bool {
+    TypeId::of::<A>() == TypeId::of::<System>()
+}
 
 /// Calls into `dhat::Alloc` (or into the sampler's tables) that have started and not finished.
 /// A stop switches [`MODE`] away and then waits until none is left, so nothing touches the
@@ -145,18 +190,18 @@ mod in_flight {
 }
 
 mod mode {
-    /// No capture: straight to `System`.
+    /// No capture: straight to the inner allocator.
     pub(crate) const OFF: u32 = 0;
     /// A capture is starting and checks that the allocator is installed.
     pub(crate) const PROBE: u32 = 1;
     /// A dhat capture: every call goes through `dhat::Alloc`.
     pub(crate) const DHAT: u32 = 2;
-    /// A capture is stopping: `System` for everyone while it writes its report, and no other
+    /// A capture is stopping: the inner allocator for everyone while it writes its report, and no other
     /// capture can start.
     pub(crate) const DRAINING: u32 = 3;
     /// A sampled capture (with its generation in the upper bits of the word).
     pub(crate) const SAMPLED: u32 = 4;
-    /// This process is a fork's child, and the parent was capturing at the fork: `System` for
+    /// This process is a fork's child, and the parent was capturing at the fork: the inner allocator for
     /// everything, for good (see `fork`).
     pub(crate) const FORKED: u32 = 5;
 
@@ -167,37 +212,67 @@ mod mode {
     }
 }
 
-/// onsite's global allocator: `System`, plus whatever a running memory capture needs.
+/// onsite's global allocator: an inner allocator (`System` unless said otherwise), plus whatever
+/// a running memory capture needs.
 ///
 /// Declare it once in the service's binary (see the crate docs); without it a memory capture
 /// fails to start with an error saying so, and the other kinds of the capture carry on.
+///
+/// Every call reaches the inner allocator's own method (`alloc`, `alloc_zeroed`, `realloc`,
+/// `dealloc`) with the caller's pointer and layout unchanged, in every mode but a dhat capture
+/// (which only runs over `System`, where dhat allocates from).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Allocator;
+pub struct Allocator<A: GlobalAlloc = System> {
+    inner: A,
+}
 
-impl Allocator {
-    /// The allocator, for `#[global_allocator] static ALLOC: Allocator = Allocator::new();`.
+impl Allocator<System> {
+    /// The allocator over `System`, for
+    /// `#[global_allocator] static ALLOC: Allocator = Allocator::new();`.
     pub const fn new() -> Self {
-        Allocator
+        Allocator { inner: System }
     }
 }
 
-// Each method: one relaxed load; `OFF` goes straight to `System`. Anything else goes to
-// `routed`, whose sampled common case is inlined here too (a thread-local countdown on
+impl<A: GlobalAlloc> Allocator<A> {
+    /// The allocator over `inner`, for
+    /// `#[global_allocator] static ALLOC: Allocator<Jemalloc> = Allocator::wrapping(Jemalloc);`.
+    /// Sampled captures work over any inner allocator; dhat captures refuse to start unless it
+    /// is `System`.
+    pub const fn wrapping(inner: A) -> Self {
+        Allocator { inner }
+    }
+
+    /// The inner allocator (for its own statistics, say).
+    pub const fn inner(&self) -> &A {
+        &self.inner
+    }
+}
+
+impl<A: GlobalAlloc + 'static> Allocator<A> {
+    /// What the probe reports for this inner allocator.
+    const INNER: &'static Inner = &Inner { type_id: TypeId::of::<A>, type_name: std::any::type_name::<A> };
+}
+
+// Each method: one relaxed load; `OFF` goes straight to the inner allocator. Anything else goes
+// to `routed`, whose sampled common case is inlined here too (a thread-local countdown on
 // allocation, one filter byte on free) and whose other paths are out of line.
 //
-// SAFETY: every path hands the call to `System` (directly, through `dhat::Alloc`, which wraps
-// `System`, or after the sampler's bookkeeping), with the caller's pointer and layout unchanged,
-// so `System`'s guarantees are the allocator's.
-unsafe impl GlobalAlloc for Allocator {
+// SAFETY: every path hands the call to the inner allocator (directly, or after the sampler's
+// bookkeeping), with the caller's pointer and layout unchanged, so its guarantees are the
+// allocator's. The one exception is the dhat mode, taken only when the inner allocator is
+// `System` (`is_system`), which `dhat::Alloc` wraps: a block is freed by the allocator that
+// allocated it either way.
+unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let word = MODE.load(Ordering::Relaxed);
         if word == mode::OFF || sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
-            return unsafe { System.alloc(layout) };
+            return unsafe { self.inner.alloc(layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc(word, layout, false) }
+        unsafe { routed::alloc(&self.inner, word, layout, false) }
     }
 
     #[inline]
@@ -205,10 +280,10 @@ unsafe impl GlobalAlloc for Allocator {
         let word = MODE.load(Ordering::Relaxed);
         if word == mode::OFF || sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
-            return unsafe { System.alloc_zeroed(layout) };
+            return unsafe { self.inner.alloc_zeroed(layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc(word, layout, true) }
+        unsafe { routed::alloc(&self.inner, word, layout, true) }
     }
 
     #[inline]
@@ -216,10 +291,10 @@ unsafe impl GlobalAlloc for Allocator {
         let word = MODE.load(Ordering::Relaxed);
         if word == mode::OFF {
             // SAFETY: forwarded as received.
-            return unsafe { System.dealloc(ptr, layout) };
+            return unsafe { self.inner.dealloc(ptr, layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::dealloc(word, ptr, layout) }
+        unsafe { routed::dealloc(&self.inner, word, ptr, layout) }
     }
 
     #[inline]
@@ -227,15 +302,16 @@ unsafe impl GlobalAlloc for Allocator {
         let word = MODE.load(Ordering::Relaxed);
         if word == mode::OFF {
             // SAFETY: forwarded as received.
-            return unsafe { System.realloc(ptr, layout, new_size) };
+            return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
         // SAFETY: forwarded as received.
-        unsafe { routed::realloc(word, ptr, layout, new_size) }
+        unsafe { routed::realloc(&self.inner, word, ptr, layout, new_size) }
     }
 }
 
 /// The paths taken while a capture runs (or starts, or stops). `word` is the [`MODE`] word the
-/// caller read; a stale one is handled like any call racing a mode change.
+/// caller read; a stale one is handled like any call racing a mode change. `inner` is the
+/// calling [`Allocator`]'s inner allocator.
 mod routed {
     use super::*;
     use onsite_core::own_work;
@@ -247,76 +323,100 @@ mod routed {
         in_flight::enter(|word| word == mode::DHAT)
     }
 
-    /// `System`'s allocation, zeroed or not.
+    /// The inner allocator's allocation, zeroed or not.
     #[inline(always)]
-    pub(crate) unsafe fn system_alloc(layout: Layout, zeroed: bool) -> *mut u8 {
+    pub(crate) unsafe fn inner_alloc<A: GlobalAlloc>(inner: &A, layout: Layout, zeroed: bool) -> *mut u8 {
         // SAFETY: forwarded as received.
-        unsafe { if zeroed { System.alloc_zeroed(layout) } else { System.alloc(layout) } }
+        unsafe { if zeroed { inner.alloc_zeroed(layout) } else { inner.alloc(layout) } }
+    }
+
+    /// Answers the probe if this is its allocation (see [`PROBING`]).
+    #[inline(always)]
+    fn answer_probe<A: GlobalAlloc + 'static>() {
+        if PROBING.with(Cell::get) {
+            PROBE_SEEN.store(std::ptr::from_ref(Allocator::<A>::INNER).cast_mut(), Ordering::Relaxed);
+        }
     }
 
     /// Everything but the sampled common case (which [`sampled::count_down`] settled inline):
     /// a maybe-sampled allocation, dhat, the probe.
     #[cold]
     #[inline(never)]
-    pub(super) unsafe fn alloc(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+    pub(super) unsafe fn alloc<A: GlobalAlloc + 'static>(
+        inner: &A,
+        word: u32,
+        layout: Layout,
+        zeroed: bool,
+    ) -> *mut u8 {
         match mode::of(word) {
             // SAFETY: forwarded as received.
-            mode::SAMPLED => unsafe { sampled::alloc_past_budget(word, layout, zeroed) },
+            mode::SAMPLED => unsafe { sampled::alloc_past_budget(inner, word, layout, zeroed) },
             // onsite's own allocations (its control thread symbolising, say) go to `System`:
             // they are not the service's, and they never wait on dhat's lock. Their frees go
-            // through dhat like every free, and dhat ignores blocks it never recorded.
+            // through dhat like every free, and dhat ignores blocks it never recorded. (Only
+            // over `System`: a dhat capture never starts over another allocator, and an
+            // `Allocator` over another one used directly never enters dhat either.)
             mode::DHAT
-                if !own_work::is_own_work()
+                if is_system::<A>()
+                    && !own_work::is_own_work()
                     && let Some(_entered) = enter_dhat() =>
             {
-                // SAFETY: forwarded as received; dhat allocates from `System`.
+                // SAFETY: forwarded as received; dhat allocates from `System`, the inner one.
                 unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } }
             }
             mode => {
                 if mode == mode::PROBE {
-                    PROBE_SEEN.store(true, Ordering::Relaxed);
+                    answer_probe::<A>();
                 }
                 // SAFETY: forwarded as received.
-                unsafe { system_alloc(layout, zeroed) }
+                unsafe { inner_alloc(inner, layout, zeroed) }
             }
         }
     }
 
     #[inline(always)]
-    pub(super) unsafe fn dealloc(word: u32, ptr: *mut u8, layout: Layout) {
+    pub(super) unsafe fn dealloc<A: GlobalAlloc + 'static>(inner: &A, word: u32, ptr: *mut u8, layout: Layout) {
         if mode::of(word) == mode::SAMPLED {
-            // Forget the block before `System` can hand its address out again.
+            // Forget the block before the inner allocator can hand its address out again.
             let _ = sampled::on_free(ptr);
             // SAFETY: forwarded as received.
-            return unsafe { System.dealloc(ptr, layout) };
+            return unsafe { inner.dealloc(ptr, layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { dealloc_other(word, ptr, layout) }
+        unsafe { dealloc_other(inner, word, ptr, layout) }
     }
 
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_other(word: u32, ptr: *mut u8, layout: Layout) {
+    unsafe fn dealloc_other<A: GlobalAlloc + 'static>(inner: &A, word: u32, ptr: *mut u8, layout: Layout) {
         if word == mode::DHAT
+            && is_system::<A>()
             && let Some(_entered) = enter_dhat()
         {
-            // SAFETY: forwarded as received; dhat ignores blocks it never recorded.
+            // SAFETY: forwarded as received; dhat ignores blocks it never recorded, and frees
+            // through `System`, the inner allocator.
             return unsafe { dhat::Alloc.dealloc(ptr, layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { inner.dealloc(ptr, layout) }
     }
 
     #[inline(always)]
-    pub(super) unsafe fn realloc(word: u32, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    pub(super) unsafe fn realloc<A: GlobalAlloc + 'static>(
+        inner: &A,
+        word: u32,
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+    ) -> *mut u8 {
         if mode::of(word) == mode::SAMPLED {
             // A realloc is a free of the old block and an allocation of the new size, for the
-            // books as for dhat. The old block is forgotten first: once `System` has it, its
-            // address may be handed to another thread and sampled there.
+            // books as for dhat. The old block is forgotten first: once the inner allocator has
+            // it, its address may be handed to another thread and sampled there.
             let forgotten = sampled::on_free(ptr);
             if sampled::count_down(word, new_size) {
                 // SAFETY: forwarded as received.
-                let new = unsafe { System.realloc(ptr, layout, new_size) };
+                let new = unsafe { inner.realloc(ptr, layout, new_size) };
                 if new.is_null()
                     && let Some(forgotten) = forgotten
                 {
@@ -326,26 +426,33 @@ mod routed {
                 return new;
             }
             // SAFETY: forwarded as received.
-            return unsafe { sampled::realloc_past_budget(word, ptr, layout, new_size, forgotten) };
+            return unsafe { sampled::realloc_past_budget(inner, word, ptr, layout, new_size, forgotten) };
         }
         // SAFETY: forwarded as received.
-        unsafe { realloc_other(word, ptr, layout, new_size) }
+        unsafe { realloc_other(inner, word, ptr, layout, new_size) }
     }
 
     #[cold]
     #[inline(never)]
-    unsafe fn realloc_other(word: u32, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    unsafe fn realloc_other<A: GlobalAlloc + 'static>(
+        inner: &A,
+        word: u32,
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+    ) -> *mut u8 {
         if word == mode::DHAT
+            && is_system::<A>()
             && let Some(_entered) = enter_dhat()
         {
             // SAFETY: forwarded as received; a block dhat never saw is recorded as new.
             return unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
         }
         if word == mode::PROBE {
-            PROBE_SEEN.store(true, Ordering::Relaxed);
+            answer_probe::<A>();
         }
         // SAFETY: forwarded as received.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { inner.realloc(ptr, layout, new_size) }
     }
 }
 
@@ -354,9 +461,9 @@ mod routed {
 /// dhat's global lock (a thread inside `dhat::Alloc`), a walker cache slot, counts in
 /// `in_flight`. The child must not inherit the capture either. So the child handler (from
 /// `pthread_atfork`, registered at the first capture) moves the mode to `FORKED`: every call
-/// goes to `System` from then on, which is safe because the child never enters dhat or the
-/// sampler's tables again (a block dhat recorded goes back to `System`, where dhat took it
-/// from). The child's copy of the capture's stopper does nothing if used ([`ForkGuard`]): it
+/// goes to the inner allocator from then on, which is safe because the child never enters dhat
+/// or the sampler's tables again (a block dhat recorded goes back to `System`, where dhat took
+/// it from: the only inner allocator a dhat capture runs over). The child's copy of the capture's stopper does nothing if used ([`ForkGuard`]): it
 /// must neither wait for the parent's calls in progress nor write the parent's capture.
 mod fork {
     use std::sync::Once;
@@ -400,19 +507,28 @@ impl ForkGuard {
 }
 
 /// Moves [`MODE`] from `OFF` to `PROBE`, allocates once, and reports whether that allocation
-/// came through [`Allocator`]. Leaves the mode at `PROBE` on success (the caller owns the
-/// capture from here) and at `OFF` on failure. `Err(true)` means another memory capture runs.
-fn claim_and_probe() -> Result<(), bool> {
+/// came through [`Allocator`], and over which inner allocator. Leaves the mode at `PROBE` on
+/// success (the caller owns the capture, or always-on sampling, from here) and at `OFF` on
+/// failure. `Err(true)` means another memory capture (or always-on sampling) runs.
+fn claim_and_probe() -> Result<&'static Inner, bool> {
     fork::register_child_handler();
     if MODE.compare_exchange(mode::OFF, mode::PROBE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
         return Err(true);
     }
-    PROBE_SEEN.store(false, Ordering::SeqCst);
+    PROBE_SEEN.store(std::ptr::null_mut(), Ordering::SeqCst);
+    PROBING.with(|probing| probing.set(true));
     drop(std::hint::black_box(Box::new(std::hint::black_box(0u64))));
-    if PROBE_SEEN.load(Ordering::SeqCst) {
-        Ok(())
-    } else {
+    PROBING.with(|probing| probing.set(false));
+    let seen = PROBE_SEEN.load(Ordering::SeqCst);
+    if seen.is_null() {
         MODE.store(mode::OFF, Ordering::SeqCst);
-        Err(false)
+        return Err(false);
     }
+    // SAFETY: only ever set to an `Allocator::INNER`, a reference to static memory.
+    Ok(unsafe { &*seen })
+}
+
+/// Gives back a claim [`claim_and_probe`] made, for a capture that will not start after all.
+fn release_claim() {
+    MODE.store(mode::OFF, Ordering::SeqCst);
 }

@@ -41,13 +41,13 @@
 //!   stack finds `SITES` full is counted and its block tracked under the `STACK_NOT_KEPT` index
 //!   (written as one named pseudo-frame); one the live table cannot hold is counted in
 //!   `UNTRACKED` (written as another, `alloc_*` only). Both are logged and said in comments.
-//! - **Stop**: the mode goes to `DRAINING` (everything to `System`, and no other capture can
+//! - **Stop**: the mode goes to `DRAINING` (everything to the inner allocator, and no other capture can
 //!   start), then the stop waits for calls already inside the tables (counted in `in_flight`,
 //!   only on the rare paths: a sample, or the free of a sampled block). After that the tables
 //!   are quiet; they are read and the file written, then the walker goes and the mode is
 //!   `OFF`. The tables are cleared at the next start.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
@@ -162,13 +162,13 @@ thread_local! {
     static THREAD: ThreadSampler = const { ThreadSampler::new() };
 }
 
-/// Starts a sampled capture; the caller has claimed the mode (it is `PROBE`). The mean is
-/// limited to `1..=MAX_MEAN_BYTES`.
-pub(crate) fn start(mean_bytes: u64) -> SampledStopper {
+/// Starts a sampled capture over the global allocator's `inner` allocator; the caller has
+/// claimed the mode (it is `PROBE`). The mean is limited to `1..=MAX_MEAN_BYTES`.
+pub(crate) fn start(mean_bytes: u64, inner: &'static crate::Inner) -> SampledStopper {
     let started = SystemTime::now();
     let clock = Instant::now();
     let mean_bytes = begin(mean_bytes);
-    SampledStopper { mean_bytes, started, clock, sampling: true, released: false, fork: crate::ForkGuard::new() }
+    SampledStopper { mean_bytes, inner, started, clock, sampling: true, released: false, fork: crate::ForkGuard::new() }
 }
 
 /// Empties the tables and starts sampling (the mode word goes to a new sampled generation);
@@ -189,7 +189,7 @@ pub(crate) fn begin(mean_bytes: u64) -> u64 {
     mean_bytes
 }
 
-/// Ends sampling: the mode goes to `DRAINING`, not `OFF` (every call goes to `System`, and no
+/// Ends sampling: the mode goes to `DRAINING`, not `OFF` (every call goes to the inner allocator, and no
 /// other capture can claim the allocator and clear the tables while they are read), then
 /// waits until no call is left inside the tables.
 pub(crate) fn end() {
@@ -250,15 +250,15 @@ pub(crate) fn count_down(word: u32, size: usize) -> bool {
     })
 }
 
-/// An allocation [`count_down`] did not settle: maybe sampled.
+/// An allocation [`count_down`] did not settle: maybe sampled. The block comes from `inner`.
 ///
 /// # Safety
 /// As `GlobalAlloc::alloc`.
 #[inline(never)]
-pub(crate) unsafe fn alloc_past_budget(word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+pub(crate) unsafe fn alloc_past_budget<A: GlobalAlloc>(inner: &A, word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
     let sampled = take_sample(word, layout.size());
     // SAFETY: forwarded as received.
-    let ptr = unsafe { crate::routed::system_alloc(layout, zeroed) };
+    let ptr = unsafe { crate::routed::inner_alloc(inner, layout, zeroed) };
     if sampled {
         if !ptr.is_null() {
             record(word, ptr as usize, layout.size());
@@ -269,11 +269,13 @@ pub(crate) unsafe fn alloc_past_budget(word: u32, layout: Layout, zeroed: bool) 
 }
 
 /// A realloc [`count_down`] did not settle (the old block is already forgotten): maybe sampled.
+/// `inner`'s own `realloc` moves or grows the block.
 ///
 /// # Safety
 /// As `GlobalAlloc::realloc`.
 #[inline(never)]
-pub(crate) unsafe fn realloc_past_budget(
+pub(crate) unsafe fn realloc_past_budget<A: GlobalAlloc>(
+    inner: &A,
     word: u32,
     ptr: *mut u8,
     layout: Layout,
@@ -282,7 +284,7 @@ pub(crate) unsafe fn realloc_past_budget(
 ) -> *mut u8 {
     let sampled = take_sample(word, new_size);
     // SAFETY: forwarded as received.
-    let new = unsafe { System.realloc(ptr, layout, new_size) };
+    let new = unsafe { inner.realloc(ptr, layout, new_size) };
     if new.is_null() {
         if let Some(forgotten) = forgotten {
             restore(ptr, forgotten);
@@ -329,7 +331,7 @@ fn take_sample(word: u32, size: usize) -> bool {
 }
 
 /// Called for every free (and the old block of every realloc) while sampling, before the block
-/// goes back to `System`. Returns the live-table entry it removed, if the block was sampled:
+/// goes back to the inner allocator. Returns the live-table entry it removed, if the block was sampled:
 /// a realloc that fails puts it back (the old block is then still the caller's).
 #[inline(always)]
 pub(crate) fn on_free(ptr: *mut u8) -> Option<Forgotten> {
@@ -492,6 +494,7 @@ fn scale(count: u64, bytes: u64, mean: u64) -> (i64, i64) {
 #[derive(Debug)]
 pub(crate) struct SampledStopper {
     mean_bytes: u64,
+    inner: &'static crate::Inner,
     started: SystemTime,
     clock: Instant,
     sampling: bool,
@@ -530,6 +533,7 @@ impl Stopper for SampledStopper {
         self.end_sampling();
         let window = Window {
             mean_bytes: self.mean_bytes,
+            inner: self.inner,
             started: self.started,
             duration: self.clock.elapsed(),
             baseline: &Baseline::zero(),
@@ -584,6 +588,8 @@ impl Baseline {
 #[derive(Debug)]
 pub(crate) struct Window<'a> {
     pub(crate) mean_bytes: u64,
+    /// The inner allocator the global [`crate::Allocator`] hands its calls to.
+    pub(crate) inner: &'static crate::Inner,
     pub(crate) started: SystemTime,
     pub(crate) duration: std::time::Duration,
     pub(crate) baseline: &'a Baseline,
@@ -651,6 +657,7 @@ pub(crate) fn write_profile(out: &CaptureOutput, window: &Window<'_>) -> Result<
             running.as_secs_f64()
         )),
     }
+    builder.comment(&format!("allocator: onsite_memory::Allocator over {}", window.inner.name()));
     let (live, live_slots) = read_live();
     let window_counts: Vec<(u64, u64)> =
         SITE_COUNTS.iter().enumerate().map(|(site, counts)| baseline.since(site, counts)).collect();

@@ -5,9 +5,9 @@
 mod common;
 
 use std::hint::black_box;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use common::scenarios::*;
 use common::*;
 use onsite_core::ProfileKind::Memory;
 use onsite_core::Profiler;
@@ -17,97 +17,18 @@ use onsite_memory::{MemoryMode, MemoryProfiler};
 #[global_allocator]
 static ALLOC: onsite_memory::Allocator = onsite_memory::Allocator::new();
 
-const BLOCK: usize = 4096;
-const MIB: usize = 1 << 20;
-/// A smaller mean than the default 512 KiB, so ±20% on 64 MiB is ~6 standard deviations
-/// (1024 expected samples) and the test cannot fail by chance in practice.
-const TEST_MEAN: u64 = 64 * 1024;
-
-static LEAK: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-
-#[inline(never)]
-fn planted_leak(bytes: usize) {
-    let mut leak = LEAK.lock().unwrap();
-    for i in 0..bytes / BLOCK {
-        leak.push(vec![i as u8; BLOCK]);
-    }
-}
-
-#[inline(never)]
-fn smaller_leak(bytes: usize) {
-    let mut leak = LEAK.lock().unwrap();
-    for i in 0..bytes / BLOCK {
-        leak.push(vec![i as u8; BLOCK]);
-    }
-}
-
-#[inline(never)]
-fn planted_churn(bytes: usize) {
-    for i in 0..bytes / BLOCK {
-        drop(black_box(vec![i as u8; BLOCK]));
-    }
-}
-
-fn sampled() -> MemoryProfiler {
-    MemoryProfiler::new(MemoryMode::Sampled, TEST_MEAN)
-}
-
 #[test]
 fn a_64_mib_leak_is_named_first_and_estimated_within_20_percent() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_leak_and_churn", dir.path(), Duration::from_secs(60), Duration::from_secs(60));
-    assert!(
-        std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".dhat.json"))
-    );
-    let profile = read_pprof(&the_dump_file(dir.path(), Memory, "pprof"));
-    let (types, default) = sample_types(&profile);
-    assert_eq!(types, ["alloc_objects/count", "alloc_space/bytes", "inuse_objects/count", "inuse_space/bytes"]);
-    assert_eq!(default, "inuse_space");
-    assert_eq!(profile.period, TEST_MEAN as i64);
-
-    let inuse = totals(&profile, "inuse_space");
-    assert!(is_fn(&inuse[0].function, "planted_leak"), "the leak comes first: {:?}", &inuse[..3.min(inuse.len())]);
-    let estimate = flat(&inuse, "planted_leak") as f64;
-    let truth = (64 * MIB) as f64;
-    assert!((estimate / truth - 1.0).abs() <= 0.20, "estimated {estimate} bytes in use for a {truth}-byte leak");
-    let objects = flat(&totals(&profile, "inuse_objects"), "planted_leak") as f64;
-    let truth_objects = (64 * MIB / BLOCK) as f64;
-    assert!((objects / truth_objects - 1.0).abs() <= 0.20, "estimated {objects} blocks for {truth_objects}");
-
-    let churn_inuse = flat(&inuse, "planted_churn") as f64;
-    assert!(churn_inuse <= 0.02 * truth, "churn holds ~nothing: {churn_inuse}");
-    let churn_alloc = flat(&totals(&profile, "alloc_space"), "planted_churn") as f64;
-    assert!((churn_alloc / (128 * MIB) as f64 - 1.0).abs() <= 0.20, "churn allocated ~128 MiB: {churn_alloc}");
-
-    // The profile says how its stacks were walked; on x86_64 Linux the caching unwinder
-    // (framehop) should manage all of these plain Rust stacks without libgcc's help.
-    let (fast, libgcc) = walk_counts(&profile);
-    assert!(fast + libgcc >= 1000, "~3000 samples expected: {fast} + {libgcc}");
-    if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
-        assert!(libgcc * 100 <= fast, "stacks walked by libgcc instead: {libgcc} of {}", fast + libgcc);
-    }
-}
-
-/// The `stacks walked: N by the caching unwinder, M by libgcc's` comment's numbers.
-fn walk_counts(profile: &onsite_core::pprof::proto::Profile) -> (u64, u64) {
-    let comment = profile
-        .comment
-        .iter()
-        .map(|&i| profile.string_table[i as usize].as_str())
-        .find_map(|c| c.strip_prefix("stacks walked: "))
-        .expect("a stacks-walked comment");
-    let numbers: Vec<u64> = comment.split(' ').filter_map(|w| w.parse().ok()).collect();
-    (numbers[0], numbers[1])
+    check_leak_and_churn(dir.path(), "std::alloc::System");
 }
 
 #[test]
 #[ignore = "child role"]
 fn child_leak_and_churn() {
     let Some(dir) = child_role("child_leak_and_churn") else { return };
-    capture(&mut sampled(), &dir, || {
-        planted_leak(64 * MIB);
-        planted_churn(128 * MIB);
-    });
+    leak_and_churn(&dir);
 }
 
 #[test]
@@ -133,37 +54,19 @@ fn child_two_leaks() {
     });
 }
 
-/// 30 captures while 4 threads allocate, free and reallocate (with a tiny mean, so the tables
-/// are busy and fill up) and one thread allocates while holding the stderr lock.
+/// 30 captures while 4 threads allocate, free and reallocate (see `cycles_under_load`).
 #[test]
 fn thirty_cycles_under_load() {
     let dir = tempfile::tempdir().unwrap();
     run_child("child_cycles_under_load", dir.path(), Duration::from_secs(60), Duration::from_secs(20));
-    for cycle in 0..CYCLES {
-        let profile = read_pprof(&the_dump_file(&dir.path().join(format!("cycle-{cycle}")), Memory, "pprof"));
-        assert_eq!(profile.sample_type.len(), 4, "cycle {cycle}");
-        assert!(!profile.sample.is_empty(), "cycle {cycle} sampled something");
-    }
+    check_cycles(dir.path());
 }
-
-const CYCLES: usize = 30;
 
 #[test]
 #[ignore = "child role"]
 fn child_cycles_under_load() {
     let Some(dir) = child_role("child_cycles_under_load") else { return };
-    under_churn_and_stderr_load(|| {
-        // Alternate a tiny mean (tables under pressure) with the default.
-        for cycle in 0..CYCLES {
-            progress(&dir, &format!("cycle {cycle}"));
-            let mean = if cycle % 2 == 0 { 256 } else { onsite_memory::DEFAULT_SAMPLE_BYTES / 64 };
-            let mut profiler = MemoryProfiler::new(MemoryMode::Sampled, mean);
-            capture(&mut profiler, &dir.join(format!("cycle-{cycle}")), || {
-                std::thread::sleep(Duration::from_millis(30))
-            });
-        }
-        progress(&dir, "done");
-    });
+    cycles_under_load(&dir);
 }
 
 /// Libraries a service might load and unload at run time (NSS modules, plugins); the first one

@@ -2,9 +2,9 @@
 //! builder methods and `ONSITE_*` variables) and the profilers it adds to a capture. Adding a
 //! backend means adding a file here and a field below; nothing else in the crate changes.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use onsite_core::{ProfileKind, Profiler};
+use onsite_core::{CaptureOutput, ProfileKind, Profiler};
 
 #[cfg(feature = "cpu")]
 pub(crate) mod cpu;
@@ -100,4 +100,72 @@ impl Settings {
         });
         all
     }
+}
+
+/// What records all the time, so a capture can show the time before it began: the CPU flight
+/// recorder (`ONSITE_CPU_RECORDER`). Owned by the control thread, from its start to its end.
+#[derive(Debug, Default)]
+pub(crate) struct Recorders {
+    #[cfg(feature = "cpu")]
+    cpu: cpu::Recorder,
+}
+
+/// The recorders' content at a capture's start, written once the capture runs.
+#[derive(Debug)]
+pub(crate) struct BeforeCapture {
+    #[cfg(feature = "cpu")]
+    cpu: Option<onsite_cpu::BeforeSnapshot>,
+}
+
+/// The window a `cpu-before` file covers, for the manifest.
+pub(crate) type Window = (SystemTime, SystemTime);
+
+impl Settings {
+    /// Starts the configured recorders (none by default).
+    pub(crate) fn start_recorders(&self) -> Recorders {
+        Recorders {
+            #[cfg(feature = "cpu")]
+            cpu: self.cpu.start_recorder(),
+        }
+    }
+}
+
+impl Recorders {
+    /// What the recorders hold up to now.
+    pub(crate) fn snapshot(&self) -> BeforeCapture {
+        BeforeCapture {
+            #[cfg(feature = "cpu")]
+            cpu: self.cpu.snapshot(),
+        }
+    }
+}
+
+impl BeforeCapture {
+    /// Writes the snapshot's files into the capture `out`: the window written, and what failed.
+    pub(crate) fn write(self, out: &CaptureOutput) -> (Option<Window>, Vec<(ProfileKind, String)>) {
+        #[cfg(feature = "cpu")]
+        if let Some(snapshot) = self.cpu {
+            let window = snapshot.window();
+            return match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| snapshot.write(out))) {
+                Ok(Ok(_)) => (Some(window), Vec::new()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e.message, "onsite: could not write the cpu-before file");
+                    (None, vec![(ProfileKind::CpuBefore, e.message)])
+                }
+                Err(_) => {
+                    tracing::error!("onsite: writing the cpu-before file panicked");
+                    (None, vec![(ProfileKind::CpuBefore, "panicked while writing".to_owned())])
+                }
+            };
+        }
+        let _ = out;
+        (None, Vec::new())
+    }
+}
+
+/// In a fork's child (from the atfork handler: stores only): the recorders' timers and thread
+/// stayed with the parent.
+pub(crate) fn forget_after_fork() {
+    #[cfg(feature = "cpu")]
+    onsite_cpu::flight_recorder::forget_after_fork();
 }

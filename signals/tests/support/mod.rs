@@ -112,6 +112,20 @@ impl Service {
         )
     }
 
+    /// What the service printed on stdout so far.
+    pub fn stdout_text(&self) -> String {
+        self.child.stdout()
+    }
+
+    /// Waits until the service's stdout contains `text`.
+    pub fn wait_until_stdout(&self, text: &str, deadline: Duration) {
+        self.wait_until(
+            deadline,
+            || format!("the child never printed {text:?}; its log:\n{}", self.log_text()),
+            || self.child.stdout().contains(text).then_some(()),
+        );
+    }
+
     /// Waits until the log contains `text`.
     pub fn wait_for_log(&self, text: &str, deadline: Duration) {
         self.wait_for_log_count(text, 1, deadline);
@@ -176,6 +190,16 @@ pub fn spawn_allocating_threads(n: usize) {
             })
             .unwrap();
     }
+}
+
+/// In the child playing `name`: logs to stderr and installs onsite (from the environment).
+/// `None` in any other process, where the role's test has nothing to do.
+pub fn install_as_role(name: &str) -> Option<onsite::Onsite> {
+    if onsite_core::test_support::role().as_deref() != Some(name) {
+        return None;
+    }
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
+    Some(onsite::install().unwrap())
 }
 
 /// The service body shared by child roles: log to stderr, install onsite, say ready, burn CPU.

@@ -2,6 +2,8 @@
 //! deadline, drive a capture through the `Profiler` API, and read what it wrote.
 #![allow(dead_code)]
 
+pub mod scenarios;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -75,13 +77,27 @@ pub fn sample_types(profile: &Profile) -> (Vec<String>, String) {
     )
 }
 
-/// Allocates, frees and reallocates blocks of varying sizes until `stop`.
+/// A block more aligned than any allocator's default.
+#[repr(align(4096))]
+pub struct PageAligned(pub [u8; 64]);
+
+/// Allocates, frees and reallocates blocks of varying sizes (and now and then a page-aligned
+/// one) until `stop`.
 pub fn churn_with_reallocs(seed: usize, stop: &AtomicBool) {
     let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut aligned: Vec<Box<PageAligned>> = Vec::new();
     let mut i = seed;
     while !stop.load(Ordering::Relaxed) {
         i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let size = 1 + (i >> 33) % 3000;
+        if (i >> 12).is_multiple_of(64) {
+            let block = Box::new(PageAligned([i as u8; 64]));
+            assert_eq!(std::ptr::from_ref(&*block) as usize % 4096, 0, "a page-aligned block is page-aligned");
+            aligned.push(block);
+            if aligned.len() > 16 {
+                aligned.swap_remove((i >> 40) % aligned.len());
+            }
+        }
         match (i >> 20) % 4 {
             0 | 1 => pool.push(vec![i as u8; size]),
             2 => {
