@@ -1,6 +1,8 @@
 //! `cargo xtask demo --auto`: no signal is sent. demo-mq runs with one automatic rule scaled to
 //! the demo ("RSS above 100 MB for 10 s"), its planted leak grows RSS, the rule fires, and the
-//! automatic capture's memory profile names the leak. The CPU flight recorder runs too, so the
+//! automatic capture's memory profile names the leak by what holds the memory: demo-mq samples
+//! its heap from the start (`ONSITE_MEMORY_ALWAYS=on`), so the profile counts what leaked before
+//! the rule fired too, not only during its capture. The CPU flight recorder runs too, so the
 //! capture also holds the CPU of the minutes before the rule fired (`cpu-before`).
 
 use std::time::{Duration, Instant};
@@ -28,10 +30,15 @@ const WRITTEN_WITHIN: Duration = Duration::from_secs(120);
 
 pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
     println!(
-        "\n  $ ONSITE_AUTO=\"{RULE}\" ONSITE_AUTO_INTERVAL={INTERVAL} ONSITE_CPU_RECORDER={RECORDER} demo-mq serve   \
-         (no signal will be sent)"
+        "\n  $ ONSITE_AUTO=\"{RULE}\" ONSITE_AUTO_INTERVAL={INTERVAL} ONSITE_CPU_RECORDER={RECORDER} \
+         ONSITE_MEMORY_ALWAYS=on demo-mq serve   (no signal will be sent)"
     );
-    let env = [("ONSITE_AUTO", RULE), ("ONSITE_AUTO_INTERVAL", INTERVAL), ("ONSITE_CPU_RECORDER", RECORDER)];
+    let env = [
+        ("ONSITE_AUTO", RULE),
+        ("ONSITE_AUTO_INTERVAL", INTERVAL),
+        ("ONSITE_CPU_RECORDER", RECORDER),
+        ("ONSITE_MEMORY_ALWAYS", "on"),
+    ];
     let mut demo = DemoMq::start("onsite-demo-auto", &env, 300)?;
 
     step("driving load; watching demo-mq's RSS climb towards the rule");
@@ -79,8 +86,29 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
     let found = match capture.profile("memory").and_then(|tops| tops.iter().find(|t| t.sample_type == "inuse_space")) {
         Some(top) => match top.rank(LEAK) {
             Some(0) => {
-                println!("  ✔ {LEAK} is #1 by in-use bytes: the leak, found without any signal sent");
-                true
+                // Always-on sampling: what holds the memory now, more than the capture's own
+                // window allocated (which is all a capture without it could show).
+                let flat_of = |top: &report::ProfileTop| {
+                    top.rows.iter().filter(|r| r.function == LEAK).map(|r| r.flat).sum::<i64>()
+                };
+                let held = flat_of(top);
+                let during = flat_of(&report::ProfileTop::read(&top.path, Some("alloc_space")).map_err(|e| e.0)?);
+                if held > during {
+                    println!(
+                        "  ✔ {LEAK} is #1 by in-use bytes, holding {} (the capture's own window allocated {}): \
+                         the leak, by what holds the memory, found without any signal sent",
+                        report::human(held, "bytes"),
+                        report::human(during, "bytes")
+                    );
+                    true
+                } else {
+                    println!(
+                        "  ✘ {LEAK} holds {} in use, no more than the capture allocated ({}): the leak before the rule fired is missing",
+                        report::human(held, "bytes"),
+                        report::human(during, "bytes")
+                    );
+                    false
+                }
             }
             Some(r) => {
                 println!("  ✘ {LEAK} is #{} by in-use bytes, not #1", r + 1);

@@ -2,10 +2,11 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use onsite_core::{CaptureError, ProfileKind, Profiler, Stopper};
 
-use crate::{dhat_mode, sampled};
+use crate::{always_on, dhat_mode, sampled};
 
 /// Go's `runtime.MemProfileRate`: on average one sample per this many bytes allocated.
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -61,22 +62,53 @@ impl FromStr for MemoryMode {
 }
 
 /// Starts memory captures. Only one memory capture runs at a time in a process.
+///
+/// With [`MemoryProfiler::sample_always`], sampling runs from that call on, and each capture's
+/// `inuse_*` counts every sampled block live at its end, whatever its age (Go's heap profile);
+/// `alloc_*` always counts the capture's own allocations.
 #[derive(Debug, Clone)]
 pub struct MemoryProfiler {
     mode: MemoryMode,
     sample_bytes: u64,
+    /// Always-on sampling, while this profiler or a clone of it lives.
+    always_on: Option<Arc<always_on::Sampler>>,
 }
 
 impl MemoryProfiler {
     /// A profiler in `mode`; `sample_bytes` is the sampled mode's mean interval (at least 1, at
     /// most 1 TiB).
     pub fn new(mode: MemoryMode, sample_bytes: u64) -> Self {
-        MemoryProfiler { mode, sample_bytes: sample_bytes.max(1) }
+        MemoryProfiler { mode, sample_bytes: sample_bytes.max(1), always_on: None }
     }
 
     /// The mode captures run in.
     pub fn mode(&self) -> MemoryMode {
         self.mode
+    }
+
+    /// Starts always-on sampling now, at this profiler's mean, until this profiler and every
+    /// clone of it are dropped; its captures then report what holds the memory whatever its age.
+    /// Fails (and nothing runs) in dhat mode, when onsite's allocator is not the global
+    /// allocator, when another memory capture or always-on sampling runs, or in a process forked
+    /// from one that was capturing memory.
+    pub fn sample_always(&mut self) -> Result<(), CaptureError> {
+        if self.always_on.is_some() {
+            return Ok(());
+        }
+        if self.mode == MemoryMode::Dhat {
+            return Err(CaptureError::new(
+                ProfileKind::Memory,
+                "always-on sampling needs the sampled mode: under dhat, frees bypass the sampler's tables",
+            ));
+        }
+        let inner = claim()?;
+        self.always_on = Some(Arc::new(always_on::start(self.sample_bytes, inner)));
+        Ok(())
+    }
+
+    /// Whether this profiler runs always-on sampling.
+    pub fn samples_always(&self) -> bool {
+        self.always_on.is_some()
     }
 }
 
@@ -86,29 +118,40 @@ impl Default for MemoryProfiler {
     }
 }
 
+/// Claims the allocator for a capture or for always-on sampling (the mode is `PROBE` after)
+/// and returns the inner allocator the probe found under it, or says why it cannot.
+fn claim() -> Result<&'static crate::Inner, CaptureError> {
+    let reason = match crate::claim_and_probe() {
+        Ok(inner) => return Ok(inner),
+        Err(true) if crate::MODE.load(std::sync::atomic::Ordering::SeqCst) == crate::mode::FORKED => {
+            "this process was forked while its parent captured memory: memory captures are off in it"
+        }
+        Err(true)
+            if crate::mode::of(crate::MODE.load(std::sync::atomic::Ordering::SeqCst)) == crate::mode::SAMPLED
+                && always_on::running() =>
+        {
+            "always-on sampling runs in this process: its profiler takes the memory captures, and no other mode \
+             can start (the sampler must see every free)"
+        }
+        Err(true) => "a memory capture is already running",
+        Err(false) => {
+            "onsite's allocator is not this program's global allocator: install \
+             onsite::memory::Allocator as #[global_allocator] to capture memory"
+        }
+    };
+    Err(CaptureError::new(ProfileKind::Memory, reason))
+}
+
 impl Profiler for MemoryProfiler {
     fn kind(&self) -> ProfileKind {
         ProfileKind::Memory
     }
 
     fn start(&mut self) -> Result<Box<dyn Stopper>, CaptureError> {
-        let inner = match crate::claim_and_probe() {
-            Ok(inner) => inner,
-            Err(true) if crate::MODE.load(std::sync::atomic::Ordering::SeqCst) == crate::mode::FORKED => {
-                return Err(CaptureError::new(
-                    ProfileKind::Memory,
-                    "this process was forked while its parent captured memory: memory captures are off in it",
-                ));
-            }
-            Err(true) => return Err(CaptureError::new(ProfileKind::Memory, "a memory capture is already running")),
-            Err(false) => {
-                return Err(CaptureError::new(
-                    ProfileKind::Memory,
-                    "onsite's allocator is not this program's global allocator: install \
-                     onsite::memory::Allocator as #[global_allocator] to capture memory",
-                ));
-            }
-        };
+        if let Some(sampler) = &self.always_on {
+            return Ok(Box::new(always_on::start_capture(sampler)?));
+        }
+        let inner = claim()?;
         // The mode is PROBE here and this capture owns it.
         Ok(match self.mode {
             MemoryMode::Dhat if !inner.is_system() => {

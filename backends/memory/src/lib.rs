@@ -26,13 +26,17 @@
 //!
 //! Both write `…-memory-….pprof` with `alloc_objects`, `alloc_space`, `inuse_objects`,
 //! `inuse_space` (default), where "in use" means allocated during the capture and still live
-//! when it stopped.
+//! when it stopped. With [`MemoryProfiler::sample_always`] the sampled mode runs from that call
+//! on (over any inner allocator, probed at that call as at a capture's start), and "in use" is
+//! every sampled block live when the capture stopped, whatever its age (Go's heap profile);
+//! `alloc_*` stays the capture's window.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::any::TypeId;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
+mod always_on;
 mod capture;
 mod dhat_mode;
 mod heap_pprof;
@@ -147,17 +151,21 @@ mod in_flight {
         wanted(MODE.load(Ordering::SeqCst)).then_some(entered)
     }
 
-    /// Waits until no call is counted. Those calls only ever wait for each other (dhat's
-    /// lock), never for the control thread, so this ends. A stripe seen at zero may be entered
-    /// again only by a call that then sees the new mode and leaves at once.
+    /// Waits until every call counted before this one started has finished. Those calls only
+    /// ever wait for each other (dhat's lock), never for the control thread, so this ends. A
+    /// stripe once seen at zero is done with: a call that enters it later sees what the caller
+    /// changed before waiting (a new mode, a new walker) and keeps away from the old state, so
+    /// steady traffic (always-on sampling) cannot hold the wait up.
     pub(crate) fn wait_until_none() {
         let started = std::time::Instant::now();
         let mut warned = false;
-        while COUNTS.iter().any(|count| count.load(Ordering::SeqCst) != 0) {
-            std::thread::yield_now();
-            if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
-                warned = true;
-                tracing::warn!("onsite: memory capture stop is still waiting for allocations in progress");
+        for count in &COUNTS {
+            while count.load(Ordering::SeqCst) != 0 {
+                std::thread::yield_now();
+                if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
+                    warned = true;
+                    tracing::warn!("onsite: memory capture stop is still waiting for allocations in progress");
+                }
             }
         }
     }
@@ -500,8 +508,8 @@ impl ForkGuard {
 
 /// Moves [`MODE`] from `OFF` to `PROBE`, allocates once, and reports whether that allocation
 /// came through [`Allocator`], and over which inner allocator. Leaves the mode at `PROBE` on
-/// success (the caller owns the capture from here) and at `OFF` on failure. `Err(true)` means
-/// another memory capture runs.
+/// success (the caller owns the capture, or always-on sampling, from here) and at `OFF` on
+/// failure. `Err(true)` means another memory capture (or always-on sampling) runs.
 fn claim_and_probe() -> Result<&'static Inner, bool> {
     fork::register_child_handler();
     if MODE.compare_exchange(mode::OFF, mode::PROBE, Ordering::SeqCst, Ordering::SeqCst).is_err() {

@@ -37,8 +37,10 @@
 //!   Only the pages around the heap's hot parts are ever touched. A free whose class holds
 //!   entries first looks for its address without writing anything; only a block that really
 //!   was sampled takes the counted (`in_flight`) path that updates the tables.
-//! - **Full tables** drop the sample (counted, logged and written as a profile comment) rather
-//!   than block or allocate.
+//! - **Full tables** never block or allocate, and never make a wrong profile: a sample whose
+//!   stack finds `SITES` full is counted and its block tracked under the `STACK_NOT_KEPT` index
+//!   (written as one named pseudo-frame); one the live table cannot hold is counted in
+//!   `UNTRACKED` (written as another, `alloc_*` only). Both are logged and said in comments.
 //! - **Stop**: the mode goes to `DRAINING` (everything to the inner allocator, and no other capture can
 //!   start), then the stop waits for calls already inside the tables (counted in `in_flight`,
 //!   only on the rare paths: a sample, or the free of a sampled block). After that the tables
@@ -51,6 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
 use std::time::{Instant, SystemTime};
 
 use onsite_core::own_work;
+use onsite_core::pprof::pseudo_frame;
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, StackTable, Stopper};
 
 use crate::{MODE, heap_pprof, in_flight, mode, stack_walk};
@@ -77,6 +80,12 @@ pub(crate) const MAX_MEAN_BYTES: u64 = 1 << 40;
 
 const EMPTY: usize = 0;
 const TOMBSTONE: usize = 1;
+/// A live-table slot an insert has claimed and not yet published: its `LIVE_BLOCK` is being
+/// written, so a reader skips it (the address is stored last, see `insert_live`).
+const CLAIMED: usize = 2;
+/// The `SITE_COUNTS` index (and live-table site) of sampled blocks whose stack found no room in
+/// `SITES`: still counted and tracked until freed, under one named pseudo-frame.
+const STACK_NOT_KEPT: usize = SITE_SLOTS;
 
 /// What was sampled at one stack of `SITES` (by the same index).
 struct SiteCounts {
@@ -84,11 +93,31 @@ struct SiteCounts {
     alloc_bytes: AtomicU64,
 }
 
+impl SiteCounts {
+    const fn new() -> Self {
+        SiteCounts { alloc_count: AtomicU64::new(0), alloc_bytes: AtomicU64::new(0) }
+    }
+
+    fn add(&self, bytes: u64) {
+        self.alloc_count.fetch_add(1, Ordering::Relaxed);
+        self.alloc_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> (u64, u64) {
+        (self.alloc_count.load(Ordering::Relaxed), self.alloc_bytes.load(Ordering::Relaxed))
+    }
+
+    fn reset(&self) {
+        self.alloc_count.store(0, Ordering::Relaxed);
+        self.alloc_bytes.store(0, Ordering::Relaxed);
+    }
+}
+
 /// The distinct stacks of sampled allocations (a lookup gives up after `PROBE_LIMIT`
 /// entries, so a full table costs a sample little), and what each allocated.
 static SITES: StackTable<SITE_SLOTS, MAX_DEPTH> = StackTable::new(PROBE_LIMIT);
-static SITE_COUNTS: [SiteCounts; SITE_SLOTS] =
-    [const { SiteCounts { alloc_count: AtomicU64::new(0), alloc_bytes: AtomicU64::new(0) } }; SITE_SLOTS];
+/// One more than `SITES` has entries: the last is `STACK_NOT_KEPT`'s.
+static SITE_COUNTS: [SiteCounts; SITE_SLOTS + 1] = [const { SiteCounts::new() }; SITE_SLOTS + 1];
 /// Each live sampled block's address, or `EMPTY` / `TOMBSTONE`. Kept apart from `LIVE_BLOCK`
 /// so a lookup reads 8 candidate addresses per cache line.
 static LIVE_ADDRESS: [AtomicUsize; LIVE_SLOTS] = [const { AtomicUsize::new(EMPTY) }; LIVE_SLOTS];
@@ -100,8 +129,12 @@ static FILTER: [AtomicU8; FILTER_SLOTS] = [const { AtomicU8::new(0) }; FILTER_SL
 static MEAN_BYTES: AtomicU64 = AtomicU64::new(crate::DEFAULT_SAMPLE_BYTES);
 /// The last capture's generation (1..=GENERATION_MAX).
 static GENERATION: AtomicU32 = AtomicU32::new(0);
-/// Samples that could not be recorded because a table was full.
-static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Sampled allocations the live table had no room for (its probe sequence full, or their
+/// filter class at 255): counted here, and never tracked, so in-use cannot include them.
+static UNTRACKED: SiteCounts = SiteCounts::new();
+/// Sampled blocks that left the live table on a realloc that then failed and found no room to
+/// go back: still live, no longer counted in use.
+static UNTRACKED_LIVE: AtomicU64 = AtomicU64::new(0);
 /// Whether the tables hold a previous capture's data.
 static DIRTY: AtomicBool = AtomicBool::new(false);
 
@@ -132,28 +165,45 @@ thread_local! {
 /// Starts a sampled capture over the global allocator's `inner` allocator; the caller has
 /// claimed the mode (it is `PROBE`). The mean is limited to `1..=MAX_MEAN_BYTES`.
 pub(crate) fn start(mean_bytes: u64, inner: &'static crate::Inner) -> SampledStopper {
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let mean_bytes = begin(mean_bytes);
+    SampledStopper { mean_bytes, inner, started, clock, sampling: true, released: false, fork: crate::ForkGuard::new() }
+}
+
+/// Empties the tables and starts sampling (the mode word goes to a new sampled generation);
+/// the caller has claimed the mode (it is `PROBE`). Returns the mean used, limited to
+/// `1..=MAX_MEAN_BYTES`. Shared by a capture and by always-on sampling.
+pub(crate) fn begin(mean_bytes: u64) -> u64 {
     let mean_bytes = mean_bytes.clamp(1, MAX_MEAN_BYTES);
     if DIRTY.swap(false, Ordering::SeqCst) {
         clear_tables();
     }
-    DROPPED.store(0, Ordering::Relaxed);
     MEAN_BYTES.store(mean_bytes, Ordering::Relaxed);
     let generation = GENERATION.load(Ordering::Relaxed) % GENERATION_MAX + 1;
     GENERATION.store(generation, Ordering::Relaxed);
     // Before the mode word: a thread that samples must find the walker (it allocates, too).
     stack_walk::install();
-    let stopper = SampledStopper {
-        mean_bytes,
-        inner,
-        started: SystemTime::now(),
-        clock: Instant::now(),
-        sampling: true,
-        released: false,
-        fork: crate::ForkGuard::new(),
-    };
     // SeqCst: a thread that sees this word also sees the mean and the cleared tables.
     MODE.store(word_of(generation), Ordering::SeqCst);
-    stopper
+    mean_bytes
+}
+
+/// Ends sampling: the mode goes to `DRAINING`, not `OFF` (every call goes to the inner allocator, and no
+/// other capture can claim the allocator and clear the tables while they are read), then
+/// waits until no call is left inside the tables.
+pub(crate) fn end() {
+    MODE.store(mode::DRAINING, Ordering::SeqCst);
+    in_flight::wait_until_none();
+}
+
+/// After the tables were read: the walker goes (and with it the pins that kept every object
+/// the stacks point into loaded while they were symbolised), and the allocator is free for the
+/// next capture, which clears the tables.
+pub(crate) fn release() {
+    stack_walk::uninstall();
+    DIRTY.store(true, Ordering::SeqCst);
+    MODE.store(mode::OFF, Ordering::SeqCst);
 }
 
 /// The `MODE` word of the sampled capture with `generation`.
@@ -167,14 +217,13 @@ const fn word_of(generation: u32) -> u32 {
 /// untouched (and not resident): the sites that were claimed, and the filter classes of the
 /// blocks still in the live table (the filter counts exactly those).
 fn clear_tables() {
-    SITES.clear(|site| {
-        for counter in [&SITE_COUNTS[site].alloc_count, &SITE_COUNTS[site].alloc_bytes] {
-            counter.store(0, Ordering::Relaxed);
-        }
-    });
+    SITES.clear(|site| SITE_COUNTS[site].reset());
+    SITE_COUNTS[STACK_NOT_KEPT].reset();
+    UNTRACKED.reset();
+    UNTRACKED_LIVE.store(0, Ordering::Relaxed);
     for address in LIVE_ADDRESS.iter().filter(|address| address.load(Ordering::Relaxed) != EMPTY) {
         match address.swap(EMPTY, Ordering::Relaxed) {
-            EMPTY | TOMBSTONE => {}
+            EMPTY | TOMBSTONE | CLAIMED => {}
             live => FILTER[filter_class(live)].store(0, Ordering::Relaxed),
         }
     }
@@ -304,7 +353,7 @@ pub(crate) fn restore(ptr: *mut u8, forgotten: Forgotten) {
     let Some(_entered) = in_flight::enter(|word| mode::of(word) == mode::SAMPLED) else { return };
     let Forgotten(block) = forgotten;
     if !insert_live(ptr as usize, (block & 0xffff) as u32, block >> 16) {
-        DROPPED.fetch_add(1, Ordering::Relaxed);
+        UNTRACKED_LIVE.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -353,22 +402,18 @@ fn record(word: u32, address: usize, size: usize) {
     let Some(_entered) = in_flight::enter(|current| current == word) else { return };
     let mut ips = [0usize; MAX_DEPTH];
     let depth = stack_walk::capture(&mut ips);
-    let recorded = SITES.intern(&ips[..depth]).is_some_and(|site| {
-        if !insert_live(address, site as u32, size as u64) {
-            return false;
-        }
-        let counts = &SITE_COUNTS[site];
-        counts.alloc_count.fetch_add(1, Ordering::Relaxed);
-        counts.alloc_bytes.fetch_add(size as u64, Ordering::Relaxed);
-        true
-    });
-    if !recorded {
-        DROPPED.fetch_add(1, Ordering::Relaxed);
+    // A stack with no room in `SITES` still counts, and its block is still tracked until it
+    // is freed: only the stack is lost, under a pseudo-frame that says so.
+    let site = SITES.intern(&ips[..depth]).unwrap_or(STACK_NOT_KEPT);
+    if insert_live(address, site as u32, size as u64) {
+        SITE_COUNTS[site].add(size as u64);
+    } else {
+        UNTRACKED.add(size as u64);
     }
 }
 
 fn insert_live(address: usize, site: u32, size: u64) -> bool {
-    const { assert!(SITE_SLOTS <= 1 << 16) };
+    const { assert!(STACK_NOT_KEPT < 1 << 16) };
     // Counted in the filter first, so the counter can refuse (never wrap) before anything is
     // published; a free of this block cannot run before the allocation returns.
     let class = &FILTER[filter_class(address)];
@@ -381,11 +426,12 @@ fn insert_live(address: usize, site: u32, size: u64) -> bool {
         let slot = &LIVE_ADDRESS[index];
         let found = slot.load(Ordering::Relaxed);
         if (found == EMPTY || found == TOMBSTONE)
-            && slot.compare_exchange(found, address, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            && slot.compare_exchange(found, CLAIMED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {
-            // Nobody can look this address up before the allocation returns it, so writing
-            // the rest after the address is published is fine.
-            LIVE_BLOCK[index].store(size << 16 | u64::from(site), Ordering::Relaxed);
+            // The block, then the address: a reader of the tables while sampling runs
+            // (always-on) that sees the address sees this block with it (see `read_live`).
+            LIVE_BLOCK[index].store(size << 16 | u64::from(site), Ordering::Release);
+            slot.store(address, Ordering::Release);
             return true;
         }
     }
@@ -457,27 +503,18 @@ pub(crate) struct SampledStopper {
 }
 
 impl SampledStopper {
-    /// Ends sampling. The mode goes to `DRAINING`, not `OFF`: every call goes to the inner
-    /// allocator, and no other capture can claim the allocator (and clear the tables) while this one
-    /// reads them. Then waits until no call is left inside the tables.
     fn end_sampling(&mut self) {
         if self.sampling && !self.fork.in_forked_child() {
             self.sampling = false;
-            MODE.store(mode::DRAINING, Ordering::SeqCst);
-            in_flight::wait_until_none();
+            end();
         }
     }
 
-    /// After the tables were read and the file written: the walker goes (and with it the pins
-    /// that kept every object the stacks point into loaded while they were symbolised), and
-    /// the allocator is free for the next capture.
     fn release(&mut self) {
         if !self.released && !self.fork.in_forked_child() {
             self.end_sampling();
             self.released = true;
-            stack_walk::uninstall();
-            DIRTY.store(true, Ordering::SeqCst);
-            MODE.store(mode::OFF, Ordering::SeqCst);
+            release();
         }
     }
 }
@@ -494,45 +531,197 @@ impl Stopper for SampledStopper {
             return Err(forked_child_error());
         }
         self.end_sampling();
-        let dropped = DROPPED.load(Ordering::Relaxed);
-        let mut builder = heap_pprof::builder(self.started, self.clock.elapsed(), self.mean_bytes as i64);
-        builder.comment(&format!(
-            "onsite memory capture, mode sampled: one sample per {} bytes allocated on average, scaled",
-            self.mean_bytes
-        ));
-        builder.comment(&format!("allocator: onsite_memory::Allocator over {}", self.inner.name()));
-        let samples: u64 = SITE_COUNTS.iter().map(|counts| counts.alloc_count.load(Ordering::Relaxed)).sum();
-        let libgcc_walks = stack_walk::fallback_walks().min(samples);
-        builder.comment(&format!(
-            "stacks walked: {} by the caching unwinder, {libgcc_walks} by libgcc's",
-            samples - libgcc_walks
-        ));
-        if dropped > 0 {
-            tracing::warn!(dropped, "onsite: memory samples dropped because the sample tables were full");
-            builder.comment(&format!("{dropped} samples dropped: the sample tables were full"));
-        }
-        // In use: the sampled blocks still in the live table, per site.
-        let mut live = vec![(0u64, 0u64); SITE_SLOTS];
-        for (address, block) in LIVE_ADDRESS.iter().zip(&LIVE_BLOCK) {
-            if !matches!(address.load(Ordering::Relaxed), EMPTY | TOMBSTONE) {
-                let block = block.load(Ordering::Relaxed);
-                let (count, bytes) = &mut live[(block & 0xffff) as usize];
-                *count += 1;
-                *bytes += block >> 16;
-            }
-        }
-        for (site, (counts, &(live_count, live_bytes))) in SITE_COUNTS.iter().zip(&live).enumerate() {
-            let allocs = counts.alloc_count.load(Ordering::Relaxed);
-            let alloc_bytes = counts.alloc_bytes.load(Ordering::Relaxed);
-            let Some(ips) = SITES.get(site).filter(|_| allocs > 0) else { continue };
-            let (alloc_objects, alloc_space) = scale(allocs, alloc_bytes, self.mean_bytes);
-            let (inuse_objects, inuse_space) = scale(live_count, live_bytes, self.mean_bytes);
-            builder.add_addresses(&ips, &[alloc_objects, alloc_space, inuse_objects, inuse_space], &[]);
-        }
-        let written = out.write(ProfileKind::Memory, "pprof", |w| builder.write_gzip(w));
+        let window = Window {
+            mean_bytes: self.mean_bytes,
+            inner: self.inner,
+            started: self.started,
+            duration: self.clock.elapsed(),
+            baseline: &Baseline::zero(),
+            always_on_for: None,
+        };
+        let written = write_profile(out, &window);
         self.release();
-        written.map(|_| ())
+        written
     }
+}
+
+/// The pseudo-frame of sampled blocks whose stack found no room in the stack table.
+pub(crate) const STACK_TABLE_FULL_FRAME: &str = "[stack not kept: stack table full]";
+/// The pseudo-frame of sampled allocations the live-block table had no room for.
+pub(crate) const LIVE_TABLE_FULL_FRAME: &str = "[samples lost: live-block table full]";
+
+/// The counters a capture's `alloc_*` count from: zero for a capture that cleared the tables
+/// at its start, a snapshot taken at its start for one taken while always-on sampling runs.
+#[derive(Debug)]
+pub(crate) struct Baseline {
+    /// Per `SITE_COUNTS` index (empty: all zero).
+    sites: Vec<(u64, u64)>,
+    untracked: (u64, u64),
+    untracked_live: u64,
+    fallback_walks: u64,
+}
+
+impl Baseline {
+    pub(crate) fn zero() -> Baseline {
+        Baseline { sites: Vec::new(), untracked: (0, 0), untracked_live: 0, fallback_walks: 0 }
+    }
+
+    /// The counters now (on the control thread: this allocates, unsampled).
+    pub(crate) fn now() -> Baseline {
+        Baseline {
+            sites: SITE_COUNTS.iter().map(SiteCounts::read).collect(),
+            untracked: UNTRACKED.read(),
+            untracked_live: UNTRACKED_LIVE.load(Ordering::Relaxed),
+            fallback_walks: stack_walk::fallback_walks(),
+        }
+    }
+
+    /// What `counts` (at `SITE_COUNTS[site]`) added since the baseline.
+    fn since(&self, site: usize, counts: &SiteCounts) -> (u64, u64) {
+        let (count, bytes) = counts.read();
+        let (count_before, bytes_before) = self.sites.get(site).copied().unwrap_or((0, 0));
+        (count.saturating_sub(count_before), bytes.saturating_sub(bytes_before))
+    }
+}
+
+/// What one heap profile covers.
+#[derive(Debug)]
+pub(crate) struct Window<'a> {
+    pub(crate) mean_bytes: u64,
+    /// The inner allocator the global [`crate::Allocator`] hands its calls to.
+    pub(crate) inner: &'static crate::Inner,
+    pub(crate) started: SystemTime,
+    pub(crate) duration: std::time::Duration,
+    pub(crate) baseline: &'a Baseline,
+    /// How long always-on sampling had run when the capture ended; `None` for a capture that
+    /// sampled only its own window.
+    pub(crate) always_on_for: Option<std::time::Duration>,
+}
+
+/// The sampled blocks in the live table, as (count, bytes) per `SITE_COUNTS` index, and how
+/// many slots they take. Correct while samples and frees go on (always-on): a slot's block
+/// is read between two reads of its address (see `insert_live`), and kept only if the
+/// address did not change meanwhile.
+fn read_live() -> (Vec<(u64, u64)>, usize) {
+    let mut live = vec![(0u64, 0u64); SITE_SLOTS + 1];
+    let mut used = 0;
+    for (address, block) in LIVE_ADDRESS.iter().zip(&LIVE_BLOCK) {
+        let seen = address.load(Ordering::Acquire);
+        if matches!(seen, EMPTY | TOMBSTONE | CLAIMED) {
+            continue;
+        }
+        let block = block.load(Ordering::Acquire);
+        if address.load(Ordering::Relaxed) != seen {
+            continue; // Freed while read (and maybe reused): not this block's.
+        }
+        used += 1;
+        if let Some((count, bytes)) = live.get_mut((block & 0xffff) as usize) {
+            *count += 1;
+            *bytes += block >> 16;
+        }
+    }
+    (live, used)
+}
+
+/// Static memory the sampler's tables take, whatever the load (only the pages samples touch
+/// become resident).
+pub(crate) fn table_bytes() -> usize {
+    std::mem::size_of_val(&SITES)
+        + std::mem::size_of_val(&SITE_COUNTS)
+        + std::mem::size_of_val(&LIVE_ADDRESS)
+        + std::mem::size_of_val(&LIVE_BLOCK)
+        + std::mem::size_of_val(&FILTER)
+}
+
+/// The table sizes, for the log and the profile's comments.
+pub(crate) fn table_limits() -> String {
+    format!("{SITE_SLOTS} stacks, {LIVE_SLOTS} live sampled blocks, {} KiB of static memory", table_bytes() / 1024)
+}
+
+/// Reads the tables into a heap profile and writes it. `inuse_*`: every sampled block in the
+/// live table (for a capture that cleared the tables at its start, those it allocated);
+/// `alloc_*`: what was sampled since `window.baseline`.
+pub(crate) fn write_profile(out: &CaptureOutput, window: &Window<'_>) -> Result<(), CaptureError> {
+    let mean = window.mean_bytes;
+    let baseline = window.baseline;
+    let mut builder = heap_pprof::builder(window.started, window.duration, mean as i64);
+    match window.always_on_for {
+        None => builder.comment(&format!(
+            "onsite memory capture, mode sampled: one sample per {mean} bytes allocated on average, scaled; \
+             alloc_* and inuse_* count the blocks allocated during the capture (inuse_*: those still live at its end)"
+        )),
+        Some(running) => builder.comment(&format!(
+            "onsite memory capture, mode sampled, always on (for {:.0} s): one sample per {mean} bytes allocated \
+             on average, scaled; inuse_* counts every sampled block live at the capture's end, whatever its age; \
+             alloc_* counts the allocations made during the capture",
+            running.as_secs_f64()
+        )),
+    }
+    builder.comment(&format!("allocator: onsite_memory::Allocator over {}", window.inner.name()));
+    let (live, live_slots) = read_live();
+    let window_counts: Vec<(u64, u64)> =
+        SITE_COUNTS.iter().enumerate().map(|(site, counts)| baseline.since(site, counts)).collect();
+    let (untracked_now, untracked_bytes_now) = UNTRACKED.read();
+    let untracked = untracked_now.saturating_sub(baseline.untracked.0);
+    let untracked_bytes = untracked_bytes_now.saturating_sub(baseline.untracked.1);
+    let untracked_live = UNTRACKED_LIVE.load(Ordering::Relaxed).saturating_sub(baseline.untracked_live);
+
+    let samples: u64 = window_counts.iter().map(|&(count, _)| count).sum::<u64>() + untracked;
+    let libgcc_walks = stack_walk::fallback_walks().saturating_sub(baseline.fallback_walks).min(samples);
+    builder.comment(&format!(
+        "stacks walked: {} by the caching unwinder, {libgcc_walks} by libgcc's",
+        samples - libgcc_walks
+    ));
+    let stacks_used = SITE_COUNTS[..SITE_SLOTS].iter().filter(|counts| counts.read().0 > 0).count();
+    builder.comment(&format!(
+        "sampler tables (fixed: {}): {stacks_used} stacks and {live_slots} live sampled blocks in use",
+        table_limits()
+    ));
+    tracing::debug!(stacks_used, live_slots, limits = %table_limits(), "onsite: memory sampler tables");
+
+    for site in 0..SITE_SLOTS {
+        let (allocs, alloc_bytes) = window_counts[site];
+        let (live_count, live_bytes) = live[site];
+        if allocs == 0 && live_count == 0 {
+            continue;
+        }
+        let Some(ips) = SITES.get(site) else { continue };
+        let (alloc_objects, alloc_space) = scale(allocs, alloc_bytes, mean);
+        let (inuse_objects, inuse_space) = scale(live_count, live_bytes, mean);
+        builder.add_addresses(&ips, &[alloc_objects, alloc_space, inuse_objects, inuse_space], &[]);
+    }
+    let (not_kept, not_kept_bytes) = window_counts[STACK_NOT_KEPT];
+    let (not_kept_live, not_kept_live_bytes) = live[STACK_NOT_KEPT];
+    if not_kept > 0 || not_kept_live > 0 {
+        let (alloc_objects, alloc_space) = scale(not_kept, not_kept_bytes, mean);
+        let (inuse_objects, inuse_space) = scale(not_kept_live, not_kept_live_bytes, mean);
+        let frame = [vec![pseudo_frame(STACK_TABLE_FULL_FRAME)]];
+        builder.add_frames(&frame, &[alloc_objects, alloc_space, inuse_objects, inuse_space], &[]);
+        tracing::warn!(
+            samples = not_kept,
+            live = not_kept_live,
+            "onsite: memory samples whose stack found no room in the sampler's stack table are counted under {STACK_TABLE_FULL_FRAME}"
+        );
+        builder.comment(&format!(
+            "{not_kept} samples of this capture and {not_kept_live} live sampled blocks have no stack (the stack table \
+             was full): counted, in use included, under {STACK_TABLE_FULL_FRAME}"
+        ));
+    }
+    if untracked > 0 || untracked_live > 0 {
+        let (alloc_objects, alloc_space) = scale(untracked, untracked_bytes, mean);
+        let frame = [vec![pseudo_frame(LIVE_TABLE_FULL_FRAME)]];
+        builder.add_frames(&frame, &[alloc_objects, alloc_space, 0, 0], &[]);
+        tracing::warn!(
+            samples = untracked,
+            "onsite: memory samples found no room in the sampler's live-block table: in-use is short of them"
+        );
+        builder.comment(&format!(
+            "{untracked} samples ({alloc_space} bytes, scaled) found no room in the live-block table, and {untracked_live} \
+             live sampled blocks lost their place in it: alloc_* counts the samples under {LIVE_TABLE_FULL_FRAME}, \
+             inuse_* cannot (it is short of whichever of them are still live)"
+        ));
+    }
+    out.write(ProfileKind::Memory, "pprof", |w| builder.write_gzip(w)).map(|_| ())
 }
 
 /// What a forked child's copy of a capture's stopper says (it writes nothing).

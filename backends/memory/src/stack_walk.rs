@@ -39,7 +39,9 @@ pub(crate) fn fallback_walks() -> u64 {
 /// between the walk and the service's code is one more frame to unwind per sample.
 #[inline(always)]
 pub(crate) fn capture(ips: &mut [usize]) -> usize {
-    let walker = WALKER.load(Ordering::Acquire);
+    // SeqCst, as `refresh`'s swap: either that swap waits for this call (counted before this
+    // load), or this load sees the new walker.
+    let walker = WALKER.load(Ordering::SeqCst);
     if !walker.is_null() {
         // SAFETY: published by `install`, freed by `uninstall` only after every counted call
         // (this one included: see `capture`'s caller) has finished.
@@ -62,6 +64,21 @@ pub(crate) fn install() {
     let old = WALKER.swap(Box::into_raw(walker), Ordering::AcqRel);
     if !old.is_null() {
         // SAFETY: came from `Box::into_raw` here; no capture runs, so nobody uses it.
+        drop(unsafe { Box::from_raw(old) });
+    }
+}
+
+/// Replaces the running walker with one built now, while sampling goes on (always-on
+/// sampling, at each capture's start): code loaded since the last build is walked by the
+/// caching walker again, and objects unloaded since are no longer pinned. The old walker is
+/// freed once no counted call is left, since only counted calls can still hold it: a call
+/// counted after the swap loads the new one.
+pub(crate) fn refresh() {
+    let walker = Box::new(Walker::new(CACHE_SLOTS));
+    let old = WALKER.swap(Box::into_raw(walker), Ordering::SeqCst);
+    crate::in_flight::wait_until_none();
+    if !old.is_null() {
+        // SAFETY: came from `Box::into_raw`; every call that could have loaded it has finished.
         drop(unsafe { Box::from_raw(old) });
     }
 }

@@ -2,7 +2,8 @@
 //! child process with onsite's allocator, a capture runs while four threads allocate, and the
 //! main thread forks again and again. Each forked child allocates a lot, tries its copy of the
 //! capture's stopper, and must exit 0 having written nothing (no deadlock on a lock a parent's
-//! thread held at the fork, no inherited capture); the parent's capture still completes.
+//! thread held at the fork, no inherited capture); the parent's capture still completes. The
+//! same with always-on sampling running (and a capture of it).
 
 mod common;
 
@@ -46,6 +47,20 @@ fn forks_during_a_sampled_capture_neither_hang_nor_inherit_it() {
 #[test]
 fn forks_during_a_dhat_capture_neither_hang_nor_inherit_it() {
     run("child_forks_dhat");
+}
+
+#[test]
+fn forks_while_always_on_sampling_runs_neither_hang_nor_inherit_it() {
+    run("child_forks_always_on");
+}
+
+#[test]
+#[ignore = "child role"]
+fn child_forks_always_on() {
+    let Some(dir) = child_role("child_forks_always_on") else { return };
+    let mut profiler = MemoryProfiler::new(MemoryMode::Sampled, 4096);
+    profiler.sample_always().expect("always-on sampling starts");
+    forks_during_a_capture(profiler, &dir);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use onsite_core::test_support::{ChildTest, RunningChild, dump_files};
 /// install logged before it is in the log once the service is ready.
 pub fn announce_ready() {
     println!("{READY}");
-    eprintln!("{READY}");
+    std::io::Write::write_all(&mut std::io::stderr(), format!("{READY}\n").as_bytes()).unwrap();
 }
 
 /// The line a child prints once ready; libtest may print its own text before it on that line.

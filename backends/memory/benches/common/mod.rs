@@ -3,7 +3,8 @@
 //! allocation-heavy loop on 2 threads, run against the bare inner allocator, onsite's allocator
 //! over it with no capture, during a sampled capture (default 512 KiB mean), during a sampled
 //! capture that holds ~2000 live sampled blocks (so frees meet a busy sample table, as in a
-//! service with a large heap), during a dhat capture (over `System` only), and, where the inner
+//! service with a large heap), with always-on sampling (and a capture of it running), during a
+//! dhat capture (over `System` only), and, where the inner
 //! allocator has a heap profiler of its own (jemalloc), with that profiler active instead.
 //!
 //! `cargo bench -p onsite-memory --bench alloc_loop[_jemalloc|_mimalloc]` — the headline:
@@ -98,13 +99,14 @@ enum Setup {
     Off,
     Sampled,
     SampledBusy,
+    AlwaysOn,
     Dhat,
     /// The bare inner allocator with its own heap profiler active.
     InnerProfiler,
 }
 
-const SETUPS: [Setup; 6] =
-    [Setup::Bare, Setup::Off, Setup::Sampled, Setup::SampledBusy, Setup::Dhat, Setup::InnerProfiler];
+const SETUPS: [Setup; 7] =
+    [Setup::Bare, Setup::Off, Setup::Sampled, Setup::SampledBusy, Setup::AlwaysOn, Setup::Dhat, Setup::InnerProfiler];
 
 impl Setup {
     fn name<A: GlobalAlloc + Sync>(self, subject: &Subject<A>) -> String {
@@ -117,6 +119,7 @@ impl Setup {
             Setup::Off => format!("onsite over {inner}, no capture"),
             Setup::Sampled => format!("onsite over {inner}, sampled capture (512 KiB)"),
             Setup::SampledBusy => format!("onsite over {inner}, sampled capture, 1 GiB sampled live (~2000 blocks)"),
+            Setup::AlwaysOn => format!("onsite over {inner}, always-on sampling (512 KiB), a capture of it running"),
             Setup::Dhat => format!("onsite over {inner}, dhat capture"),
             Setup::InnerProfiler => {
                 format!("{inner} alone, {} active", subject.profiler.as_ref().map_or("", |p| p.name))
@@ -130,6 +133,7 @@ impl Setup {
             Setup::Off => "off",
             Setup::Sampled => "sampled",
             Setup::SampledBusy => "sampled-busy",
+            Setup::AlwaysOn => "always-on",
             Setup::Dhat => "dhat",
             Setup::InnerProfiler => "inner-profiler",
         }
@@ -356,6 +360,14 @@ fn start(setup: Setup) -> (Option<Box<dyn Stopper>>, Vec<Vec<u8>>) {
         Setup::Bare | Setup::Off | Setup::InnerProfiler => return (None, Vec::new()),
         Setup::Sampled | Setup::SampledBusy => {
             MemoryProfiler::new(MemoryMode::Sampled, env_number("ONSITE_BENCH_SAMPLE_BYTES", DEFAULT_SAMPLE_BYTES))
+        }
+        Setup::AlwaysOn => {
+            // Sampling runs while the profiler or the capture it starts lives: the capture
+            // below keeps it running until its stop.
+            let mut profiler =
+                MemoryProfiler::new(MemoryMode::Sampled, env_number("ONSITE_BENCH_SAMPLE_BYTES", DEFAULT_SAMPLE_BYTES));
+            profiler.sample_always().unwrap();
+            profiler
         }
         Setup::Dhat => MemoryProfiler::new(MemoryMode::Dhat, 1),
     };

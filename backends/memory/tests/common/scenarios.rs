@@ -144,8 +144,10 @@ pub fn check_cycles(dir: &Path) {
 
 /// In a child over a non-`System` inner allocator: a dhat capture refuses to start, naming
 /// `System` and `inner`, twice, and leaves the allocator free: a sampled capture then runs and
-/// writes into `dir`.
-pub fn dhat_refuses_then_sampled_runs(dir: &Path, inner: &str) {
+/// writes into `dir`. Then always-on sampling starts over `inner`, 64 MiB leak before a capture
+/// (a dhat capture still refuses, because the sampler runs), and the capture, which allocates
+/// nothing but churn, writes into `dir/always-on`.
+pub fn dhat_refuses_then_sampled_and_always_on_run(dir: &Path, inner: &str) {
     use onsite_core::Profiler as _;
     let mut dhat = MemoryProfiler::new(MemoryMode::Dhat, 1);
     for _ in 0..2 {
@@ -157,14 +159,39 @@ pub fn dhat_refuses_then_sampled_runs(dir: &Path, inner: &str) {
         assert!(err.contains("ONSITE_MEMORY_MODE=sampled"), "the error says what works: {err}");
     }
     capture(&mut sampled(), dir, || planted_churn(8 * MIB));
+
+    let mut always = sampled();
+    always.sample_always().unwrap_or_else(|e| panic!("always-on sampling starts over {inner}: {e}"));
+    planted_leak(LEAK_BYTES);
+    let err = dhat.start().err().expect("a dhat capture refuses while always-on sampling runs").to_string();
+    assert!(err.contains("always-on sampling runs"), "{err}");
+    capture(&mut always, &dir.join("always-on"), || planted_churn(8 * MIB));
 }
 
-/// The parent's side of [`dhat_refuses_then_sampled_runs`]: only the sampled capture's file.
-pub fn check_only_the_sampled_capture_wrote(dir: &Path) {
+/// The parent's side of [`dhat_refuses_then_sampled_and_always_on_run`]: no dhat file; the
+/// sampled capture's file; and the always-on capture's, which holds the leak made before it
+/// (64 MiB ±20 % in use, none of it allocated during the capture) and names `inner`.
+pub fn check_sampled_and_always_on_captures(dir: &Path, inner: &str) {
     assert!(
         std::fs::read_dir(dir).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".dhat.json")),
         "no dhat file"
     );
     let profile = read_pprof(&the_dump_file(dir, Memory, "pprof"));
     assert!(flat(&totals(&profile, "alloc_space"), "planted_churn") > 0, "the sampled capture after the refusals ran");
+
+    let profile = read_pprof(&the_dump_file(&dir.join("always-on"), Memory, "pprof"));
+    let allocator = format!("allocator: onsite_memory::Allocator over {inner}");
+    assert!(
+        comments(&profile).any(|c| c == allocator),
+        "no {allocator:?} in {:?}",
+        comments(&profile).collect::<Vec<_>>()
+    );
+    let inuse = totals(&profile, "inuse_space");
+    assert!(is_fn(&inuse[0].function, "planted_leak"), "the leak comes first: {:?}", &inuse[..3.min(inuse.len())]);
+    let estimate = flat(&inuse, "planted_leak") as f64;
+    let truth = LEAK_BYTES as f64;
+    assert!((estimate / truth - 1.0).abs() <= 0.20, "estimated {estimate} bytes in use for a {truth}-byte leak");
+    let during = flat(&totals(&profile, "alloc_space"), "planted_leak");
+    assert_eq!(during, 0, "the leak was allocated before the capture, not during it");
+    assert!(flat(&totals(&profile, "alloc_space"), "planted_churn") > 0, "the capture's own churn is its alloc_*");
 }
