@@ -373,3 +373,24 @@ fn a_cpu_pull_also_writes_the_minutes_before_it_and_a_mutex_pull_does_not() {
         function_totals(&profile, "samples").unwrap().into_iter().take(3).map(|r| r.function).collect();
     assert!(named.iter().any(|f| f.ends_with("burn_cpu_in_a_known_function")), "cpu-before: {named:?}");
 }
+
+#[test]
+fn with_the_always_on_heap_a_heap_pull_without_seconds_says_what_holds_the_memory_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, addr) = start(dir.path(), &[("ONSITE_MEMORY_ALWAYS", "on")]);
+    // The child leaks 64 KiB every 10 ms from its start: give it a few MiB to hold.
+    std::thread::sleep(Duration::from_secs(2));
+    let heap = get(addr, "/debug/pprof/heap", &[]);
+    assert_eq!(heap.status, 200, "{}\n{}", heap.text(), service.log_text());
+    let profile = decode(&heap.body).unwrap();
+    let held = function_totals(&profile, "inuse_space").unwrap();
+    assert!(held[0].function.ends_with("leak_a_block"), "heap by inuse_space: {held:?}");
+    let mib = held[0].flat as f64 / (1 << 20) as f64;
+    assert!(mib > 4.0, "the leak of the last seconds is held, not only the pull's own moment: {mib:.1} MiB");
+    // Without always-on, the same path asks for a window.
+    let dir = tempfile::tempdir().unwrap();
+    let (_plain, addr) = start(dir.path(), &[]);
+    let heap = get(addr, "/debug/pprof/heap", &[]);
+    assert_eq!(heap.status, 400, "{}", heap.text());
+    assert!(heap.text().contains("?seconds=N"), "{}", heap.text());
+}

@@ -532,3 +532,10 @@ fn claim_and_probe() -> Result<&'static Inner, bool> {
 fn release_claim() {
     MODE.store(mode::OFF, Ordering::SeqCst);
 }
+
+/// Whether always-on heap sampling runs in this process (started at install by
+/// [`MemoryProfiler::sample_always`]): a memory capture then reports every live sampled block
+/// whatever its age, so even one with no window says what holds the memory now.
+pub fn sampling_always() -> bool {
+    always_on::running()
+}

@@ -163,6 +163,17 @@ impl BeforeCapture {
     }
 }
 
+/// Whether `kind` is recorded all the time, so a capture of it with no window still has
+/// something to say (the always-on heap: what holds the memory now).
+#[cfg_attr(not(feature = "http"), allow(dead_code))]
+pub(crate) fn records_always(kind: ProfileKind) -> bool {
+    match kind {
+        #[cfg(feature = "memory")]
+        ProfileKind::Memory => onsite_memory::sampling_always(),
+        _ => false,
+    }
+}
+
 /// In a fork's child (from the atfork handler: stores only): the recorders' timers and thread
 /// stayed with the parent.
 pub(crate) fn forget_after_fork() {

@@ -139,7 +139,8 @@ fn index(max: Duration) -> Response {
     let mut html = String::from(
         "<!DOCTYPE html>\n<html><head><title>onsite /debug/pprof/</title></head><body>\n<h1>onsite /debug/pprof/</h1>\n\
          <p>Go's net/http/pprof paths, answered by onsite. Profiles other than <code>profile</code> record only \
-         during a window: add <code>?seconds=N</code>.</p>\n<table>\n",
+         during a window: add <code>?seconds=N</code> (with ONSITE_MEMORY_ALWAYS=on, <code>heap</code> without it \
+         answers at once with every live sampled block, as Go's does).</p>\n<table>\n",
     );
     for (path, what) in ENDPOINTS {
         html.push_str(&format!("<tr><td><a href=\"{path}\">{path}</a></td><td>{what}</td></tr>\n"));
@@ -177,7 +178,9 @@ fn param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
 }
 
 /// What `target` (the request's path and query) asks for. `max` caps `seconds`.
-pub(super) fn route(target: &str, max: Duration) -> Action {
+/// `records_always` says which kinds are recorded all the time: those answer without
+/// `seconds` at once, as Go's do (a window of none), instead of asking for a window.
+pub(super) fn route(target: &str, max: Duration, records_always: impl Fn(ProfileKind) -> bool) -> Action {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let Some(name) = path.strip_prefix("/debug/pprof").map(|rest| rest.trim_start_matches('/')) else {
         return Action::Respond(Response::text(404, "onsite: only /debug/pprof/ is served"));
@@ -225,6 +228,7 @@ pub(super) fn route(target: &str, max: Duration) -> Action {
             }
         },
         None if kind == ProfileKind::Cpu => DEFAULT_PROFILE_SECONDS,
+        None if records_always(kind) => return Action::Pull(PullWhat::Window { kind, length: Duration::ZERO }),
         None => {
             return Action::Respond(Response::text(
                 400,
@@ -244,6 +248,24 @@ mod tests {
 
     const MAX: Duration = Duration::from_secs(600);
 
+    fn window(kind: ProfileKind, secs: u64) -> Action {
+        Action::Pull(PullWhat::Window { kind, length: Duration::from_secs(secs) })
+    }
+
+    /// No kind is recorded all the time (the default).
+    fn none(_: ProfileKind) -> bool {
+        false
+    }
+
+    #[test]
+    fn a_kind_recorded_all_the_time_answers_without_seconds() {
+        let heap_always = |kind| kind == ProfileKind::Memory;
+        assert_eq!(route("/debug/pprof/heap", MAX, heap_always), window(ProfileKind::Memory, 0));
+        assert_eq!(route("/debug/pprof/allocs", MAX, heap_always), window(ProfileKind::Memory, 0));
+        assert_eq!(route("/debug/pprof/heap?seconds=4", MAX, heap_always), window(ProfileKind::Memory, 4));
+        assert_eq!(status(route("/debug/pprof/mutex", MAX, heap_always)), 400);
+    }
+
     fn status(action: Action) -> u16 {
         match action {
             Action::Respond(r) => r.status,
@@ -260,40 +282,39 @@ mod tests {
 
     #[test]
     fn go_paths_and_their_windows() {
-        let window = |kind, secs| Action::Pull(PullWhat::Window { kind, length: Duration::from_secs(secs) });
-        assert_eq!(route("/debug/pprof/profile", MAX), window(ProfileKind::Cpu, 30));
-        assert_eq!(route("/debug/pprof/profile?seconds=3", MAX), window(ProfileKind::Cpu, 3));
-        assert_eq!(route("/debug/pprof/heap?gc=1&seconds=4", MAX), window(ProfileKind::Memory, 4));
-        assert_eq!(route("/debug/pprof/allocs?seconds=4", MAX), window(ProfileKind::Memory, 4));
-        assert_eq!(route("/debug/pprof/mutex?seconds=5", MAX), window(ProfileKind::Mutex, 5));
-        assert_eq!(route("/debug/pprof/block?seconds=5", MAX), window(ProfileKind::Block, 5));
-        assert_eq!(route("/debug/pprof/threadcreate?seconds=5", MAX), window(ProfileKind::ThreadCreate, 5));
-        assert_eq!(route("/debug/pprof/trace?seconds=1", MAX), window(ProfileKind::Trace, 1));
-        assert_eq!(route("/debug/pprof/profile?seconds=9999", MAX), window(ProfileKind::Cpu, 600));
-        assert_eq!(route("/debug/pprof/goroutine?debug=2", MAX), Action::Pull(PullWhat::ThreadDump));
-        assert_eq!(route("/debug/pprof/threads", MAX), Action::Pull(PullWhat::ThreadDump));
+        assert_eq!(route("/debug/pprof/profile", MAX, none), window(ProfileKind::Cpu, 30));
+        assert_eq!(route("/debug/pprof/profile?seconds=3", MAX, none), window(ProfileKind::Cpu, 3));
+        assert_eq!(route("/debug/pprof/heap?gc=1&seconds=4", MAX, none), window(ProfileKind::Memory, 4));
+        assert_eq!(route("/debug/pprof/allocs?seconds=4", MAX, none), window(ProfileKind::Memory, 4));
+        assert_eq!(route("/debug/pprof/mutex?seconds=5", MAX, none), window(ProfileKind::Mutex, 5));
+        assert_eq!(route("/debug/pprof/block?seconds=5", MAX, none), window(ProfileKind::Block, 5));
+        assert_eq!(route("/debug/pprof/threadcreate?seconds=5", MAX, none), window(ProfileKind::ThreadCreate, 5));
+        assert_eq!(route("/debug/pprof/trace?seconds=1", MAX, none), window(ProfileKind::Trace, 1));
+        assert_eq!(route("/debug/pprof/profile?seconds=9999", MAX, none), window(ProfileKind::Cpu, 600));
+        assert_eq!(route("/debug/pprof/goroutine?debug=2", MAX, none), Action::Pull(PullWhat::ThreadDump));
+        assert_eq!(route("/debug/pprof/threads", MAX, none), Action::Pull(PullWhat::ThreadDump));
     }
 
     #[test]
     fn a_window_kind_without_seconds_says_to_add_them() {
         for name in ["heap", "allocs", "mutex", "block", "threadcreate", "trace"] {
-            let answer = route(&format!("/debug/pprof/{name}"), MAX);
+            let answer = route(&format!("/debug/pprof/{name}"), MAX, none);
             let Action::Respond(r) = answer else { panic!("{name}: not refused") };
             assert_eq!(r.status, 400);
             assert!(String::from_utf8(r.body).unwrap().contains("add ?seconds=N"), "{name}");
         }
-        assert_eq!(status(route("/debug/pprof/mutex?seconds=0", MAX)), 400);
-        assert_eq!(status(route("/debug/pprof/mutex?seconds=1.5", MAX)), 400);
+        assert_eq!(status(route("/debug/pprof/mutex?seconds=0", MAX, none)), 400);
+        assert_eq!(status(route("/debug/pprof/mutex?seconds=1.5", MAX, none)), 400);
     }
 
     #[test]
     fn only_debug_pprof_is_served() {
-        assert_eq!(status(route("/", MAX)), 404);
-        assert_eq!(status(route("/etc/passwd", MAX)), 404);
-        assert_eq!(status(route("/debug/pprofx", MAX)), 404);
-        assert_eq!(status(route("/debug/pprof/nothing", MAX)), 404);
-        assert_eq!(status(route("/debug/pprof/goroutine", MAX)), 404);
-        let index = body(route("/debug/pprof/", MAX));
+        assert_eq!(status(route("/", MAX, none)), 404);
+        assert_eq!(status(route("/etc/passwd", MAX, none)), 404);
+        assert_eq!(status(route("/debug/pprofx", MAX, none)), 404);
+        assert_eq!(status(route("/debug/pprof/nothing", MAX, none)), 404);
+        assert_eq!(status(route("/debug/pprof/goroutine", MAX, none)), 404);
+        let index = body(route("/debug/pprof/", MAX, none));
         assert!(index.contains("profile?seconds=N") && index.contains("NOT Go's execution trace"), "{index}");
     }
 

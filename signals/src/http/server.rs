@@ -386,7 +386,7 @@ impl Loop {
             // Only the symbol lookup takes a body; its addresses were named in the profile
             // already where onsite could, so its answer names none (see `routes`).
             let response = match request.target.split('?').next() {
-                Some("/debug/pprof/symbol") => route(&request.target, self.max),
+                Some("/debug/pprof/symbol") => route(&request.target, self.max, crate::backends::records_always),
                 _ => {
                     Action::Respond(Response::text(405, "onsite: only GET is served here").with("Allow", "GET".into()))
                 }
@@ -397,7 +397,7 @@ impl Loop {
             self.conns[i].state = State::Draining { left, then: Some(response), deadline };
             return self.turn(i, 0, Instant::now());
         }
-        match route(&request.target, self.max) {
+        match route(&request.target, self.max, crate::backends::records_always) {
             Action::Respond(response) => self.conns[i].respond(response),
             Action::Pull(what) => {
                 let id = self.conns[i].id;
