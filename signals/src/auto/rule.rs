@@ -412,7 +412,7 @@ mod tests {
     fn the_readme_examples_parse() {
         let readme = include_str!("../../README.md");
         let examples: Vec<&str> =
-            readme.lines().filter_map(|l| l.strip_prefix("ONSITE_AUTO=\"")?.strip_suffix('"')).collect();
+            readme.lines().filter_map(|l| l.split_once("ONSITE_AUTO=\"")?.1.strip_suffix('"')).collect();
         assert_eq!(examples.len(), 3, "the README shows three examples");
         for example in examples {
             let rules = parse_rules(example).unwrap_or_else(|e| panic!("{example}: {e}"));
