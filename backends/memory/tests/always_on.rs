@@ -60,7 +60,7 @@ fn a_full_stack_table_is_a_named_loss_and_in_use_stays_exact() {
     assert!(lost >= BLOCK as i64 * 1000, "thousands of blocks found no room for their stack: {lost}");
     assert!(planted < truth, "the planting function cannot hold blocks whose stack was not kept: {planted}");
     assert!(planted + lost >= truth, "every planted block is in use somewhere: {planted} + {lost} < {truth}");
-    let comments: Vec<&str> = profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str()).collect();
+    let comments: Vec<&str> = comments(&profile).collect();
     assert!(comments.iter().any(|c| c.contains("have no stack (the stack table was full)")), "{comments:?}");
 }
 

@@ -68,6 +68,11 @@ pub fn is_fn(function: &str, name: &str) -> bool {
     f.ends_with(name)
 }
 
+/// The profile's comments (`go tool pprof -comments`).
+pub fn comments(profile: &Profile) -> impl Iterator<Item = &str> {
+    profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str())
+}
+
 /// The profile's sample type names, in order, and the default one.
 pub fn sample_types(profile: &Profile) -> (Vec<String>, String) {
     let s = |i: i64| profile.string_table[i as usize].clone();

@@ -66,24 +66,17 @@ pub fn leak_and_churn(dir: &Path) {
 /// use and allocated ~128 MiB, the stacks were walked by the caching unwinder, and the profile
 /// says the capture ran over `inner` (the inner allocator's type name).
 pub fn check_leak_and_churn(dir: &Path, inner: &str) {
-    assert!(std::fs::read_dir(dir).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".dhat.json")));
+    assert_no_dhat_file(dir);
     let profile = read_pprof(&the_dump_file(dir, Memory, "pprof"));
     let (types, default) = sample_types(&profile);
     assert_eq!(types, ["alloc_objects/count", "alloc_space/bytes", "inuse_objects/count", "inuse_space/bytes"]);
     assert_eq!(default, "inuse_space");
     assert_eq!(profile.period, TEST_MEAN as i64);
-    let allocator = format!("allocator: onsite_memory::Allocator over {inner}");
-    assert!(
-        comments(&profile).any(|c| c == allocator),
-        "no {allocator:?} in {:?}",
-        comments(&profile).collect::<Vec<_>>()
-    );
+    assert_names_allocator(&profile, inner);
 
     let inuse = totals(&profile, "inuse_space");
-    assert!(is_fn(&inuse[0].function, "planted_leak"), "the leak comes first: {:?}", &inuse[..3.min(inuse.len())]);
-    let estimate = flat(&inuse, "planted_leak") as f64;
+    assert_leak_held(&inuse);
     let truth = LEAK_BYTES as f64;
-    assert!((estimate / truth - 1.0).abs() <= 0.20, "estimated {estimate} bytes in use for a {truth}-byte leak");
     let objects = flat(&totals(&profile, "inuse_objects"), "planted_leak") as f64;
     let truth_objects = (LEAK_BYTES / BLOCK) as f64;
     assert!((objects / truth_objects - 1.0).abs() <= 0.20, "estimated {objects} blocks for {truth_objects}");
@@ -102,8 +95,30 @@ pub fn check_leak_and_churn(dir: &Path, inner: &str) {
     }
 }
 
-fn comments(profile: &Profile) -> impl Iterator<Item = &str> {
-    profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str())
+/// No capture in `dir` wrote a dhat file.
+fn assert_no_dhat_file(dir: &Path) {
+    assert!(
+        std::fs::read_dir(dir).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".dhat.json")),
+        "no dhat file"
+    );
+}
+
+/// The profile says it ran over `inner` (the inner allocator's type name).
+fn assert_names_allocator(profile: &Profile, inner: &str) {
+    let allocator = format!("allocator: onsite_memory::Allocator over {inner}");
+    assert!(
+        comments(profile).any(|c| c == allocator),
+        "no {allocator:?} in {:?}",
+        comments(profile).collect::<Vec<_>>()
+    );
+}
+
+/// The planted leak comes first by in-use bytes and is estimated within 20 %.
+fn assert_leak_held(inuse: &[FunctionTotal]) {
+    assert!(is_fn(&inuse[0].function, "planted_leak"), "the leak comes first: {:?}", &inuse[..3.min(inuse.len())]);
+    let estimate = flat(inuse, "planted_leak") as f64;
+    let truth = LEAK_BYTES as f64;
+    assert!((estimate / truth - 1.0).abs() <= 0.20, "estimated {estimate} bytes in use for a {truth}-byte leak");
 }
 
 /// The `stacks walked: N by the caching unwinder, M by libgcc's` comment's numbers.
@@ -172,25 +187,13 @@ pub fn dhat_refuses_then_sampled_and_always_on_run(dir: &Path, inner: &str) {
 /// sampled capture's file; and the always-on capture's, which holds the leak made before it
 /// (64 MiB ±20 % in use, none of it allocated during the capture) and names `inner`.
 pub fn check_sampled_and_always_on_captures(dir: &Path, inner: &str) {
-    assert!(
-        std::fs::read_dir(dir).unwrap().all(|e| !e.unwrap().path().to_string_lossy().ends_with(".dhat.json")),
-        "no dhat file"
-    );
+    assert_no_dhat_file(dir);
     let profile = read_pprof(&the_dump_file(dir, Memory, "pprof"));
     assert!(flat(&totals(&profile, "alloc_space"), "planted_churn") > 0, "the sampled capture after the refusals ran");
 
     let profile = read_pprof(&the_dump_file(&dir.join("always-on"), Memory, "pprof"));
-    let allocator = format!("allocator: onsite_memory::Allocator over {inner}");
-    assert!(
-        comments(&profile).any(|c| c == allocator),
-        "no {allocator:?} in {:?}",
-        comments(&profile).collect::<Vec<_>>()
-    );
-    let inuse = totals(&profile, "inuse_space");
-    assert!(is_fn(&inuse[0].function, "planted_leak"), "the leak comes first: {:?}", &inuse[..3.min(inuse.len())]);
-    let estimate = flat(&inuse, "planted_leak") as f64;
-    let truth = LEAK_BYTES as f64;
-    assert!((estimate / truth - 1.0).abs() <= 0.20, "estimated {estimate} bytes in use for a {truth}-byte leak");
+    assert_names_allocator(&profile, inner);
+    assert_leak_held(&totals(&profile, "inuse_space"));
     let during = flat(&totals(&profile, "alloc_space"), "planted_leak");
     assert_eq!(during, 0, "the leak was allocated before the capture, not during it");
     assert!(flat(&totals(&profile, "alloc_space"), "planted_churn") > 0, "the capture's own churn is its alloc_*");
