@@ -14,7 +14,6 @@ use onsite_core::ProfileKind;
 use onsite_core::test_support::{ChildOutput, ChildTest, dump_files, role};
 use serde_json::Value;
 use support::Service;
-use tracing_subscriber::prelude::*;
 
 #[global_allocator]
 static ALLOC: onsite::memory::Allocator = onsite::memory::Allocator::new();
@@ -40,14 +39,7 @@ fn leak_in_a_known_function() {
 #[test]
 #[ignore = "child process role"]
 fn child_leaking_service() {
-    if role().as_deref() != Some("child_leaking_service") {
-        return;
-    }
-    tracing_subscriber::registry()
-        .with(onsite::trace::layer())
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
-        .init();
-    let _onsite = onsite::install().expect("install");
+    let Some(_onsite) = support::install_traced_as_role("child_leaking_service") else { return };
     std::thread::Builder::new()
         .name("leaker".into())
         .spawn(|| {

@@ -72,14 +72,7 @@ fn wait_on_a_lock_forever() {
 #[test]
 #[ignore = "child process role"]
 fn child_full_service() {
-    if role().as_deref() != Some("child_full_service") {
-        return;
-    }
-    tracing_subscriber::registry()
-        .with(onsite::trace::layer())
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
-        .init();
-    let _onsite = onsite::install().expect("install");
+    let Some(_onsite) = support::install_traced_as_role("child_full_service") else { return };
     // Threads in known states for the SIGUSR1 dump.
     let held = NEVER_UNLOCKED.lock();
     std::thread::Builder::new().name("spinner".into()).spawn(spin_forever).unwrap();

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use onsite_core::ProfileKind;
 use onsite_core::pprof::{decode, function_totals};
-use onsite_core::test_support::{dump_files, role};
+use onsite_core::test_support::dump_files;
 use support::Service;
-use tracing_subscriber::prelude::*;
 
 #[global_allocator]
 static ALLOC: onsite::memory::Allocator = onsite::memory::Allocator::new();
@@ -42,14 +41,7 @@ fn hold_the_lock_while_sleeping() -> u64 {
 #[test]
 #[ignore = "child process role"]
 fn child_http_service() {
-    if role().as_deref() != Some("child_http_service") {
-        return;
-    }
-    tracing_subscriber::registry()
-        .with(onsite::trace::layer())
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
-        .init();
-    let _onsite = onsite::install().expect("install");
+    let Some(_onsite) = support::install_traced_as_role("child_http_service") else { return };
     for name in ["contender-a", "contender-b"] {
         std::thread::Builder::new()
             .name(name.into())

@@ -207,6 +207,20 @@ pub fn install_as_role(name: &str) -> Option<onsite::Onsite> {
     Some(onsite::install().unwrap())
 }
 
+/// As [`install_as_role`], with onsite's `tracing` layer under the log, so trace captures
+/// record the role's spans.
+pub fn install_traced_as_role(name: &str) -> Option<onsite::Onsite> {
+    use tracing_subscriber::prelude::*;
+    if onsite_core::test_support::role().as_deref() != Some(name) {
+        return None;
+    }
+    tracing_subscriber::registry()
+        .with(onsite::trace::layer())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+        .init();
+    Some(onsite::install().expect("install"))
+}
+
 /// The service body shared by child roles: log to stderr, install onsite, say ready, burn CPU.
 pub fn run_service(allocating_threads: usize) -> ! {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
