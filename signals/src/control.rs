@@ -408,14 +408,15 @@ impl Controller {
         }
         let output = CaptureOutput::new(dir.clone(), CaptureStamp::now());
         // The marker is the operator capture's (the one a toggle would stop); pulls are not.
-        if pull.is_none() {
+        let operator = pull.is_none();
+        if operator {
             crate::status::capture_starting(&output, &trigger, &kinds, length);
         }
         let started_wall = SystemTime::now();
         // Taken before any kind starts (so it ends where the capture begins), written after.
         // A pull of another kind has no use for the CPU before it: a scraper pulling four
         // kinds every 15 s would leave four copies of the same minutes each time.
-        let before = (pull.is_none() || kinds.contains(&ProfileKind::Cpu)).then(|| self.recorders.snapshot());
+        let before = (operator || kinds.contains(&ProfileKind::Cpu)).then(|| self.recorders.snapshot());
         let mut stoppers = Vec::new();
         let mut failures = Vec::new();
         for profiler in self.setup.profilers.iter_mut().filter(|p| kinds.contains(&p.kind())) {
@@ -437,7 +438,7 @@ impl Controller {
         if self.termination_guard.is_none() {
             self.termination_guard = Some(TerminationGuard::arm());
         }
-        if pull.is_none() {
+        if operator {
             crate::status::capture_running(&output, &trigger, &kinds, length);
         }
         let now = Instant::now();

@@ -45,7 +45,7 @@ pub(crate) struct Record<'a> {
     pub(crate) files: &'a [(ProfileKind, WrittenFile)],
     pub(crate) failures: &'a [(ProfileKind, String)],
     /// The window the `cpu-before` file covers, if one was written.
-    pub(crate) before_window: Option<(SystemTime, SystemTime)>,
+    pub(crate) before_window: Option<crate::backends::Window>,
     /// Kinds the capture would have recorded but another capture (a pull) held, with its holder.
     pub(crate) held_elsewhere: &'a [(ProfileKind, String)],
 }
