@@ -331,18 +331,14 @@ fn take_sample(word: u32, size: usize) -> bool {
 }
 
 /// Called for every free (and the old block of every realloc) while sampling, before the block
-/// goes back to the inner allocator. Returns the live-table entry it removed, if the block was sampled:
-/// a realloc that fails puts it back (the old block is then still the caller's).
+/// goes back to the inner allocator: whether its filter class holds live sampled blocks. Only
+/// then can the block be one of them, and [`forget`] must look.
 #[inline(always)]
-pub(crate) fn on_free(ptr: *mut u8) -> Option<Forgotten> {
-    let address = ptr as usize;
-    if FILTER[filter_class(address)].load(Ordering::Relaxed) != 0 {
-        return forget(address);
-    }
-    None
+pub(crate) fn may_be_sampled(ptr: *mut u8) -> bool {
+    FILTER[filter_class(ptr as usize)].load(Ordering::Relaxed) != 0
 }
 
-/// A sampled block's live-table entry (`size << 16 | site`), taken out by [`on_free`].
+/// A sampled block's live-table entry (`size << 16 | site`), taken out by [`forget`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Forgotten(u64);
 
@@ -371,12 +367,15 @@ fn find_live(address: usize, home: usize) -> Option<usize> {
     None
 }
 
-/// A free whose filter class holds live sampled blocks. Most such blocks were not sampled
-/// (they only share the class), so the first look writes nothing and counts nothing; the
-/// freeing thread owns the block, so nobody else can add or remove its address meanwhile.
+/// A free whose filter class holds live sampled blocks ([`may_be_sampled`]): takes the block
+/// out of the live table if it is there, and returns its entry (a realloc that fails puts it
+/// back: the old block is then still the caller's). Most such blocks were not sampled (they
+/// only share the class), so the first look writes nothing and counts nothing; the freeing
+/// thread owns the block, so nobody else can add or remove its address meanwhile.
 #[cold]
 #[inline(never)]
-fn forget(address: usize) -> Option<Forgotten> {
+pub(crate) fn forget(ptr: *mut u8) -> Option<Forgotten> {
+    let address = ptr as usize;
     let home = home_slot(address);
     find_live(address, home)?;
     // A block sampled in an earlier capture that is still in the tables is forgotten too:
