@@ -9,8 +9,27 @@ use onsite_memory::Allocator;
 #[global_allocator]
 static ALLOC: Allocator = Allocator::new();
 
-static SUBJECT: common::Subject<System> =
-    common::Subject { name: "System", bare: &System, onsite: &ALLOC, dhat: true, profiler: None };
+static SUBJECT: common::Subject = common::Subject {
+    name: "System",
+    bare: common::churn_through::<Bare>,
+    onsite: common::churn_through::<Onsite>,
+    dhat: true,
+    profiler: None,
+};
+
+/// The bare inner allocator, and onsite's over it, for `common::churn_through`.
+struct Bare;
+struct Onsite;
+
+impl common::Reach for Bare {
+    type Alloc = System;
+    const ALLOC: &'static System = &System;
+}
+
+impl common::Reach for Onsite {
+    type Alloc = Allocator;
+    const ALLOC: &'static Allocator = &ALLOC;
+}
 
 fn main() {
     common::main(&SUBJECT);

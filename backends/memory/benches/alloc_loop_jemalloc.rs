@@ -10,10 +10,10 @@ use tikv_jemallocator::Jemalloc;
 #[global_allocator]
 static ALLOC: Allocator<Jemalloc> = Allocator::wrapping(Jemalloc);
 
-static SUBJECT: common::Subject<Jemalloc> = common::Subject {
+static SUBJECT: common::Subject = common::Subject {
     name: "jemalloc",
-    bare: &Jemalloc,
-    onsite: &ALLOC,
+    bare: common::churn_through::<Bare>,
+    onsite: common::churn_through::<Onsite>,
     dhat: false,
     profiler: Some(common::InnerProfiler {
         name: "jemalloc's own profiler (lg_prof_sample:19)",
@@ -40,6 +40,20 @@ fn profiler_configured() {
 fn activate_profiler(active: bool) {
     // SAFETY: `prof.active` is a bool, writable when `opt.prof` is on.
     unsafe { tikv_jemalloc_ctl::raw::write(b"prof.active\0", active) }.expect("prof.active is writable");
+}
+
+/// The bare inner allocator, and onsite's over it, for `common::churn_through`.
+struct Bare;
+struct Onsite;
+
+impl common::Reach for Bare {
+    type Alloc = Jemalloc;
+    const ALLOC: &'static Jemalloc = &Jemalloc;
+}
+
+impl common::Reach for Onsite {
+    type Alloc = Allocator<Jemalloc>;
+    const ALLOC: &'static Allocator<Jemalloc> = &ALLOC;
 }
 
 fn main() {

@@ -8,8 +8,27 @@ use onsite_memory::Allocator;
 #[global_allocator]
 static ALLOC: Allocator<MiMalloc> = Allocator::wrapping(MiMalloc);
 
-static SUBJECT: common::Subject<MiMalloc> =
-    common::Subject { name: "mimalloc", bare: &MiMalloc, onsite: &ALLOC, dhat: false, profiler: None };
+static SUBJECT: common::Subject = common::Subject {
+    name: "mimalloc",
+    bare: common::churn_through::<Bare>,
+    onsite: common::churn_through::<Onsite>,
+    dhat: false,
+    profiler: None,
+};
+
+/// The bare inner allocator, and onsite's over it, for `common::churn_through`.
+struct Bare;
+struct Onsite;
+
+impl common::Reach for Bare {
+    type Alloc = MiMalloc;
+    const ALLOC: &'static MiMalloc = &MiMalloc;
+}
+
+impl common::Reach for Onsite {
+    type Alloc = Allocator<MiMalloc>;
+    const ALLOC: &'static Allocator<MiMalloc> = &ALLOC;
+}
 
 fn main() {
     common::main(&SUBJECT);

@@ -264,7 +264,10 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 // inner allocator, so a sampled call costs one taken branch (the branch jumps straight into
 // `routed`) more than an off one, plus its own checks. (Inlining that common case here instead
 // made the off path pay a taken branch and the registers the other paths save: 0.90–0.94 of the
-// bare allocator against 0.93–0.96; see BENCHMARKS.)
+// bare allocator against 0.93–0.96; see BENCHMARKS.) The branch is a conditional tail call, so
+// `routed`'s arguments are in place before it, on the off path too: they come in the order
+// `__rust_alloc`/`__rust_dealloc`/`__rust_realloc` receive theirs, with the mode word and the
+// inner allocator after them, and no register has to move.
 //
 // SAFETY: every path hands the call to the inner allocator (directly, or after the sampler's
 // bookkeeping), with the caller's pointer and layout unchanged, so its guarantees are the
@@ -281,7 +284,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, false>(&self.inner, word, layout) }
+        unsafe { routed::alloc::<A, false>(layout, word, &self.inner) }
     }
 
     #[inline]
@@ -293,7 +296,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, true>(&self.inner, word, layout) }
+        unsafe { routed::alloc::<A, true>(layout, word, &self.inner) }
     }
 
     #[inline]
@@ -305,7 +308,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::dealloc(&self.inner, word, ptr, layout) }
+        unsafe { routed::dealloc(ptr, layout, word, &self.inner) }
     }
 
     #[inline]
@@ -317,7 +320,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::realloc(&self.inner, word, ptr, layout, new_size) }
+        unsafe { routed::realloc(ptr, layout, new_size, word, &self.inner) }
     }
 }
 
@@ -354,9 +357,9 @@ mod routed {
     /// ([`sampled::count_down`]) here, the rest out of line.
     #[inline(never)]
     pub(super) unsafe fn alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
-        inner: &A,
-        word: u32,
         layout: Layout,
+        word: u32,
+        inner: &A,
     ) -> *mut u8 {
         if sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
@@ -398,7 +401,7 @@ mod routed {
 
     /// A free while the mode is not `OFF`.
     #[inline(never)]
-    pub(super) unsafe fn dealloc<A: GlobalAlloc + 'static>(inner: &A, word: u32, ptr: *mut u8, layout: Layout) {
+    pub(super) unsafe fn dealloc<A: GlobalAlloc + 'static>(ptr: *mut u8, layout: Layout, word: u32, inner: &A) {
         if mode::of(word) == mode::SAMPLED {
             if sampled::may_be_sampled(ptr) {
                 // SAFETY: forwarded as received.
@@ -439,11 +442,11 @@ mod routed {
     /// A realloc while the mode is not `OFF`.
     #[inline(never)]
     pub(super) unsafe fn realloc<A: GlobalAlloc + 'static>(
-        inner: &A,
-        word: u32,
         ptr: *mut u8,
         layout: Layout,
         new_size: usize,
+        word: u32,
+        inner: &A,
     ) -> *mut u8 {
         if mode::of(word) == mode::SAMPLED {
             // The common case: a block never sampled, and a new size within the budget.

@@ -37,21 +37,23 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
+use std::marker::PhantomData;
 use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler, Stopper};
-use onsite_memory::{Allocator, DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler};
+use onsite_memory::{DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler};
 
 /// The inner allocator a bench binary measures, and onsite's allocator over it (its
 /// `#[global_allocator]`).
-pub struct Subject<A: GlobalAlloc + Sync + 'static> {
+pub struct Subject {
     /// How the tables name it: `System`, `jemalloc`, `mimalloc`.
     pub name: &'static str,
-    /// The inner allocator, called directly (the baseline).
-    pub bare: &'static A,
-    /// The binary's global allocator.
-    pub onsite: &'static Allocator<A>,
+    /// The loop over the inner allocator, called directly (the baseline):
+    /// `churn_through::<`a [`Reach`] of the inner allocator`>`.
+    pub bare: Loop,
+    /// The loop over the binary's global allocator (onsite's, over the same inner one).
+    pub onsite: Loop,
     /// Whether a dhat capture can run over it (only over `System`).
     pub dhat: bool,
     /// The inner allocator's own heap profiler, if it has one: the anchor.
@@ -109,7 +111,7 @@ const SETUPS: [Setup; 7] =
     [Setup::Bare, Setup::Off, Setup::Sampled, Setup::SampledBusy, Setup::AlwaysOn, Setup::Dhat, Setup::InnerProfiler];
 
 impl Setup {
-    fn name<A: GlobalAlloc + Sync>(self, subject: &Subject<A>) -> String {
+    fn name(self, subject: &Subject) -> String {
         let inner = subject.name;
         match self {
             Setup::Bare if std::env::var_os(INNER_PROFILER_ENV).is_some() => {
@@ -145,7 +147,7 @@ impl Setup {
     }
 
     /// Whether `subject` has this setup.
-    fn applies<A: GlobalAlloc + Sync>(self, subject: &Subject<A>) -> bool {
+    fn applies(self, subject: &Subject) -> bool {
         match self {
             Setup::Dhat => subject.dhat,
             Setup::InnerProfiler => subject.profiler.is_some(),
@@ -156,7 +158,7 @@ impl Setup {
 
 /// When to stop a `churn` loop.
 #[derive(Clone, Copy)]
-enum Until {
+pub enum Until {
     Time(Instant),
     /// At least this many operations.
     Ops(u64),
@@ -170,6 +172,8 @@ fn churn<A: GlobalAlloc>(a: &A, seed: usize, until: Until) -> u64 {
     let mut ops = 0u64;
     let mut x = seed as u64 | 1;
     let mut i = 0usize;
+    // Not a constant, so neither side's entry point is specialised for it: `__rust_alloc`
+    // gets the alignment as an argument.
     let align = black_box(8);
     loop {
         for _ in 0..256 {
@@ -217,38 +221,77 @@ fn churn<A: GlobalAlloc>(a: &A, seed: usize, until: Until) -> u64 {
     ops
 }
 
-fn run_churn<A: GlobalAlloc + Sync>(subject: &Subject<A>, setup: Setup, seed: usize, until: Until) -> u64 {
-    if setup.is_bare() { churn(&Entry(subject.bare), seed, until) } else { churn(&Entry(subject.onsite), seed, until) }
+fn run_churn(subject: &Subject, setup: Setup, seed: usize, until: Until) -> u64 {
+    if setup.is_bare() { (subject.bare)(seed, until) } else { (subject.onsite)(seed, until) }
 }
 
-/// The loop reaches either allocator through a function it cannot inline, as a service reaches
-/// its global allocator: `Box` and `Vec` call `__rust_alloc`, a function of its own holding the
-/// global allocator's `alloc` (with no `#[global_allocator]`, the same for `System`). Inlined
-/// into the loop, an allocator's branches become the loop's own and its cost says more about
-/// the loop's code layout than about what a service pays. (The loop's alignment comes through
-/// `black_box`, so neither side's function is specialised for a constant one: `__rust_alloc`
-/// gets it as an argument.)
-struct Entry<'a, A>(&'a A);
+/// One thread's loop over one allocator: [`churn_through`] for some [`Reach`].
+pub type Loop = fn(usize, Until) -> u64;
 
-// SAFETY: forwards every call, unchanged, to the allocator it wraps.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for Entry<'_, A> {
-    #[inline(never)]
+/// An allocator in a static of the bench binary, for [`churn_through`].
+pub trait Reach: 'static {
+    type Alloc: GlobalAlloc + 'static;
+    const ALLOC: &'static Self::Alloc;
+}
+
+/// The loop over `R::ALLOC`, reached as a service reaches its global allocator: `Box` and `Vec`
+/// call `__rust_alloc(size, align)`, a function of its own that holds the global allocator's
+/// `alloc` (with no `#[global_allocator]`, the same for `System`), on an allocator in a static.
+/// [`Through`] calls such a function for either side. Inlined into the loop instead, an
+/// allocator's branches would become the loop's own, and its cost would say more about the
+/// loop's code layout than about what a service pays.
+pub fn churn_through<R: Reach>(seed: usize, until: Until) -> u64 {
+    churn(&Through::<R>(PhantomData), seed, until)
+}
+
+/// The loop's view of `R::ALLOC`: each call goes through a function with the signature of
+/// `__rust_alloc`, `__rust_dealloc` or `__rust_realloc` (size and alignment as two arguments,
+/// in that order), which the loop cannot inline.
+struct Through<R>(PhantomData<R>);
+
+// SAFETY: forwards every call, unchanged, to the allocator `R` names.
+unsafe impl<R: Reach> GlobalAlloc for Through<R> {
+    #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded as received.
-        unsafe { self.0.alloc(layout) }
+        unsafe { rust_alloc::<R>(layout.size(), layout.align()) }
     }
 
-    #[inline(never)]
+    #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded as received.
-        unsafe { self.0.dealloc(ptr, layout) }
+        unsafe { rust_dealloc::<R>(ptr, layout.size(), layout.align()) }
     }
 
-    #[inline(never)]
+    #[inline(always)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: forwarded as received.
-        unsafe { self.0.realloc(ptr, layout, new_size) }
+        unsafe { rust_realloc::<R>(ptr, layout.size(), layout.align(), new_size) }
     }
+}
+
+/// # Safety
+/// As `GlobalAlloc::alloc`, with a valid layout.
+#[inline(never)]
+unsafe fn rust_alloc<R: Reach>(size: usize, align: usize) -> *mut u8 {
+    // SAFETY: forwarded as received.
+    unsafe { R::ALLOC.alloc(Layout::from_size_align_unchecked(size, align)) }
+}
+
+/// # Safety
+/// As `GlobalAlloc::dealloc`.
+#[inline(never)]
+unsafe fn rust_dealloc<R: Reach>(ptr: *mut u8, size: usize, align: usize) {
+    // SAFETY: forwarded as received.
+    unsafe { R::ALLOC.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) }
+}
+
+/// # Safety
+/// As `GlobalAlloc::realloc`.
+#[inline(never)]
+unsafe fn rust_realloc<R: Reach>(ptr: *mut u8, size: usize, align: usize, new_size: usize) -> *mut u8 {
+    // SAFETY: forwarded as received.
+    unsafe { R::ALLOC.realloc(ptr, Layout::from_size_align_unchecked(size, align), new_size) }
 }
 
 /// This thread's CPU time so far.
@@ -293,7 +336,7 @@ struct Workers {
 }
 
 impl Workers {
-    fn start<A: GlobalAlloc + Sync>(subject: &'static Subject<A>) -> Workers {
+    fn start(subject: &'static Subject) -> Workers {
         let barrier = Arc::new(Barrier::new(THREADS));
         let (report, results) = mpsc::channel();
         let (orders, threads) = (0..THREADS)
@@ -341,8 +384,8 @@ impl Workers {
 /// take turns in `SLICES` short slices each (which goes first alternates), so the two are
 /// measured within milliseconds of each other. The bare loop never calls onsite's allocator, so
 /// the capture does not touch its slices. Returns (the bare slices, the setup's slices).
-fn paired_round<A: GlobalAlloc + Sync>(
-    subject: &Subject<A>,
+fn paired_round(
+    subject: &Subject,
     workers: &Workers,
     setup: Setup,
     length: Duration,
@@ -441,7 +484,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 }
 
 #[allow(clippy::print_stdout)] // a benchmark's report is its output
-fn throughput<A: GlobalAlloc + Sync>(subject: &'static Subject<A>, quick: bool) {
+fn throughput(subject: &'static Subject, quick: bool) {
     let rounds = if quick { 1 } else { env_number("ONSITE_BENCH_ROUNDS", ROUNDS as u64) as usize };
     let length = Duration::from_millis(if quick { 20 } else { env_number("ONSITE_BENCH_ROUND_MS", ROUND_MS) });
     let second_process = std::env::var_os(INNER_PROFILER_ENV).is_some();
@@ -550,7 +593,7 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// Runs under callgrind: one setup, one thread, `COUNTED_OPS` operations inside `churn`.
-fn counted<A: GlobalAlloc + Sync>(subject: &'static Subject<A>, setup: Setup) {
+fn counted(subject: &'static Subject, setup: Setup) {
     let dir = tempfile::tempdir().unwrap();
     if setup == Setup::InnerProfiler {
         let profiler = subject.profiler.as_ref().expect("an inner profiler");
@@ -568,7 +611,7 @@ fn counted<A: GlobalAlloc + Sync>(subject: &'static Subject<A>, setup: Setup) {
 /// Re-runs this binary under callgrind for each setup but dhat (far too slow there) and prints
 /// instructions per operation inside `churn`.
 #[allow(clippy::print_stdout)]
-fn instructions<A: GlobalAlloc + Sync>(subject: &'static Subject<A>) {
+fn instructions(subject: &'static Subject) {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     println!(
@@ -611,7 +654,7 @@ fn instructions<A: GlobalAlloc + Sync>(subject: &'static Subject<A>) {
 
 /// A bench binary's `main`: the throughput table (`--bench`; a quick run otherwise, as under
 /// `cargo test --benches`), or `--instructions`.
-pub fn main<A: GlobalAlloc + Sync>(subject: &'static Subject<A>) {
+pub fn main(subject: &'static Subject) {
     if let Ok(key) = std::env::var(SETUP_ENV) {
         let setup = SETUPS.into_iter().find(|s| s.key() == key).expect("known setup");
         return counted(subject, setup);
