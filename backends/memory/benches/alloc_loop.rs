@@ -11,13 +11,13 @@ static ALLOC: Allocator = Allocator::new();
 
 static SUBJECT: common::Subject = common::Subject {
     name: "System",
-    bare: common::churn_through::<Bare>,
-    onsite: common::churn_through::<Onsite>,
+    bare: common::loop_over::<Bare>,
+    onsite: common::loop_over::<Onsite>,
     dhat: true,
     profiler: None,
 };
 
-/// The bare inner allocator, and onsite's over it, for `common::churn_through`.
+/// The bare inner allocator, and onsite's over it, for `common::loop_over`.
 struct Bare;
 struct Onsite;
 

@@ -12,8 +12,8 @@ static ALLOC: Allocator<Jemalloc> = Allocator::wrapping(Jemalloc);
 
 static SUBJECT: common::Subject = common::Subject {
     name: "jemalloc",
-    bare: common::churn_through::<Bare>,
-    onsite: common::churn_through::<Onsite>,
+    bare: common::loop_over::<Bare>,
+    onsite: common::loop_over::<Onsite>,
     dhat: false,
     profiler: Some(common::InnerProfiler {
         name: "jemalloc's own profiler (lg_prof_sample:19)",
@@ -42,7 +42,7 @@ fn activate_profiler(active: bool) {
     unsafe { tikv_jemalloc_ctl::raw::write(b"prof.active\0", active) }.expect("prof.active is writable");
 }
 
-/// The bare inner allocator, and onsite's over it, for `common::churn_through`.
+/// The bare inner allocator, and onsite's over it, for `common::loop_over`.
 struct Bare;
 struct Onsite;
 

@@ -10,13 +10,13 @@ static ALLOC: Allocator<MiMalloc> = Allocator::wrapping(MiMalloc);
 
 static SUBJECT: common::Subject = common::Subject {
     name: "mimalloc",
-    bare: common::churn_through::<Bare>,
-    onsite: common::churn_through::<Onsite>,
+    bare: common::loop_over::<Bare>,
+    onsite: common::loop_over::<Onsite>,
     dhat: false,
     profiler: None,
 };
 
-/// The bare inner allocator, and onsite's over it, for `common::churn_through`.
+/// The bare inner allocator, and onsite's over it, for `common::loop_over`.
 struct Bare;
 struct Onsite;
 

@@ -265,9 +265,10 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 // `routed`) more than an off one, plus its own checks. (Inlining that common case here instead
 // made the off path pay a taken branch and the registers the other paths save: 0.90–0.94 of the
 // bare allocator against 0.93–0.96; see BENCHMARKS.) The branch is a conditional tail call, so
-// `routed`'s arguments are in place before it, on the off path too: they come in the order
-// `__rust_alloc`/`__rust_dealloc`/`__rust_realloc` receive theirs, with the mode word and the
-// inner allocator after them, and no register has to move.
+// `routed`'s arguments are in place before it, on the off path too: they are what
+// `__rust_alloc`/`__rust_dealloc`/`__rust_realloc` receive, in their order (the layout as size
+// then alignment, where a `Layout` argument would come the other way round), with the mode word
+// and the inner allocator after them, so that no register has to move.
 //
 // SAFETY: every path hands the call to the inner allocator (directly, or after the sampler's
 // bookkeeping), with the caller's pointer and layout unchanged, so its guarantees are the
@@ -284,7 +285,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, false>(layout, word, &self.inner) }
+        unsafe { routed::alloc::<A, false>(layout.size(), layout.align(), word, &self.inner) }
     }
 
     #[inline]
@@ -296,7 +297,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, true>(layout, word, &self.inner) }
+        unsafe { routed::alloc::<A, true>(layout.size(), layout.align(), word, &self.inner) }
     }
 
     #[inline]
@@ -308,7 +309,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::dealloc(ptr, layout, word, &self.inner) }
+        unsafe { routed::dealloc(ptr, layout.size(), layout.align(), word, &self.inner) }
     }
 
     #[inline]
@@ -320,7 +321,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::realloc(ptr, layout, new_size, word, &self.inner) }
+        unsafe { routed::realloc(ptr, layout.size(), layout.align(), new_size, word, &self.inner) }
     }
 }
 
@@ -357,10 +358,13 @@ mod routed {
     /// ([`sampled::count_down`]) here, the rest out of line.
     #[inline(never)]
     pub(super) unsafe fn alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
-        layout: Layout,
+        size: usize,
+        align: usize,
         word: u32,
         inner: &A,
     ) -> *mut u8 {
+        // SAFETY: the parts of a valid layout.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
             return unsafe { inner_alloc(inner, layout, ZEROED) };
@@ -401,7 +405,15 @@ mod routed {
 
     /// A free while the mode is not `OFF`.
     #[inline(never)]
-    pub(super) unsafe fn dealloc<A: GlobalAlloc + 'static>(ptr: *mut u8, layout: Layout, word: u32, inner: &A) {
+    pub(super) unsafe fn dealloc<A: GlobalAlloc + 'static>(
+        ptr: *mut u8,
+        size: usize,
+        align: usize,
+        word: u32,
+        inner: &A,
+    ) {
+        // SAFETY: the parts of a valid layout.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if mode::of(word) == mode::SAMPLED {
             if sampled::may_be_sampled(ptr) {
                 // SAFETY: forwarded as received.
@@ -443,11 +455,14 @@ mod routed {
     #[inline(never)]
     pub(super) unsafe fn realloc<A: GlobalAlloc + 'static>(
         ptr: *mut u8,
-        layout: Layout,
+        size: usize,
+        align: usize,
         new_size: usize,
         word: u32,
         inner: &A,
     ) -> *mut u8 {
+        // SAFETY: the parts of a valid layout.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if mode::of(word) == mode::SAMPLED {
             // The common case: a block never sampled, and a new size within the budget.
             if !sampled::may_be_sampled(ptr) && sampled::count_down(word, new_size) {

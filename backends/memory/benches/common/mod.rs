@@ -50,7 +50,7 @@ pub struct Subject {
     /// How the tables name it: `System`, `jemalloc`, `mimalloc`.
     pub name: &'static str,
     /// The loop over the inner allocator, called directly (the baseline):
-    /// `churn_through::<`a [`Reach`] of the inner allocator`>`.
+    /// `loop_over::<`a [`Reach`] of the inner allocator`>`.
     pub bare: Loop,
     /// The loop over the binary's global allocator (onsite's, over the same inner one).
     pub onsite: Loop,
@@ -225,10 +225,10 @@ fn run_churn(subject: &Subject, setup: Setup, seed: usize, until: Until) -> u64 
     if setup.is_bare() { (subject.bare)(seed, until) } else { (subject.onsite)(seed, until) }
 }
 
-/// One thread's loop over one allocator: [`churn_through`] for some [`Reach`].
+/// One thread's loop over one allocator: [`loop_over`] for some [`Reach`].
 pub type Loop = fn(usize, Until) -> u64;
 
-/// An allocator in a static of the bench binary, for [`churn_through`].
+/// An allocator in a static of the bench binary, for [`loop_over`].
 pub trait Reach: 'static {
     type Alloc: GlobalAlloc + 'static;
     const ALLOC: &'static Self::Alloc;
@@ -240,7 +240,7 @@ pub trait Reach: 'static {
 /// [`Through`] calls such a function for either side. Inlined into the loop instead, an
 /// allocator's branches would become the loop's own, and its cost would say more about the
 /// loop's code layout than about what a service pays.
-pub fn churn_through<R: Reach>(seed: usize, until: Until) -> u64 {
+pub fn loop_over<R: Reach>(seed: usize, until: Until) -> u64 {
     churn(&Through::<R>(PhantomData), seed, until)
 }
 
