@@ -7,6 +7,10 @@
 //! dhat capture (over `System` only), and, where the inner
 //! allocator has a heap profiler of its own (jemalloc), with that profiler active instead.
 //!
+//! Either allocator is reached as a service reaches its global allocator: through functions
+//! with the signatures of `__rust_alloc`, `__rust_dealloc` and `__rust_realloc` that the loop
+//! cannot inline ([`loop_over`]).
+//!
 //! `cargo bench -p onsite-memory --bench alloc_loop[_jemalloc|_mimalloc]` — the headline:
 //! throughput ratios, all in one run. Each setup is measured *beside* the bare inner allocator:
 //! with the setup's capture running, the two take turns in 10 ms slices (20 of each per round,
