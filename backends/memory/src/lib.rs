@@ -263,8 +263,8 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 // on allocation, one filter byte on free) is inlined there, and they end in a tail call of the
 // inner allocator, so a sampled call costs one taken branch (the branch jumps straight into
 // `routed`) more than an off one, plus its own checks. (Inlining that common case here instead
-// made the off path pay a taken branch and the registers the other paths save: 0.90–0.94 of the
-// bare allocator against 0.93–0.96; see BENCHMARKS.) The branch is a conditional tail call, so
+// makes the off path pay a taken branch and the registers the other paths save: 0.91–0.94 of
+// the bare allocator against 0.96–0.99; see BENCHMARKS.) The branch is a conditional tail call, so
 // `routed`'s arguments are in place before it, on the off path too: they are what
 // `__rust_alloc`/`__rust_dealloc`/`__rust_realloc` receive, in their order (the layout as size
 // then alignment, where a `Layout` argument would come the other way round), with the mode word
