@@ -17,19 +17,7 @@ static SUBJECT: common::Subject = common::Subject {
     profiler: None,
 };
 
-/// The bare inner allocator, and onsite's over it, for `common::loop_over`.
-struct Bare;
-struct Onsite;
-
-impl common::Reach for Bare {
-    type Alloc = System;
-    const ALLOC: &'static System = &System;
-}
-
-impl common::Reach for Onsite {
-    type Alloc = Allocator;
-    const ALLOC: &'static Allocator = &ALLOC;
-}
+common::reaches!(System = System, ALLOC);
 
 fn main() {
     common::main(&SUBJECT);

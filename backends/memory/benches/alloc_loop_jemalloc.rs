@@ -42,19 +42,7 @@ fn activate_profiler(active: bool) {
     unsafe { tikv_jemalloc_ctl::raw::write(b"prof.active\0", active) }.expect("prof.active is writable");
 }
 
-/// The bare inner allocator, and onsite's over it, for `common::loop_over`.
-struct Bare;
-struct Onsite;
-
-impl common::Reach for Bare {
-    type Alloc = Jemalloc;
-    const ALLOC: &'static Jemalloc = &Jemalloc;
-}
-
-impl common::Reach for Onsite {
-    type Alloc = Allocator<Jemalloc>;
-    const ALLOC: &'static Allocator<Jemalloc> = &ALLOC;
-}
+common::reaches!(Jemalloc = Jemalloc, ALLOC);
 
 fn main() {
     common::main(&SUBJECT);

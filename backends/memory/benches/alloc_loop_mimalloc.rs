@@ -16,19 +16,7 @@ static SUBJECT: common::Subject = common::Subject {
     profiler: None,
 };
 
-/// The bare inner allocator, and onsite's over it, for `common::loop_over`.
-struct Bare;
-struct Onsite;
-
-impl common::Reach for Bare {
-    type Alloc = MiMalloc;
-    const ALLOC: &'static MiMalloc = &MiMalloc;
-}
-
-impl common::Reach for Onsite {
-    type Alloc = Allocator<MiMalloc>;
-    const ALLOC: &'static Allocator<MiMalloc> = &ALLOC;
-}
+common::reaches!(MiMalloc = MiMalloc, ALLOC);
 
 fn main() {
     common::main(&SUBJECT);

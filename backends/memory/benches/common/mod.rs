@@ -238,6 +238,26 @@ pub trait Reach: 'static {
     const ALLOC: &'static Self::Alloc;
 }
 
+/// A bench binary's two [`Reach`]es: `Bare`, its inner allocator (`$inner`, of type `$ty`), and
+/// `Onsite`, its global allocator (the static `$global`, onsite's over `$ty`).
+macro_rules! reaches {
+    ($ty:ty = $inner:expr, $global:ident) => {
+        struct Bare;
+        struct Onsite;
+
+        impl common::Reach for Bare {
+            type Alloc = $ty;
+            const ALLOC: &'static $ty = &$inner;
+        }
+
+        impl common::Reach for Onsite {
+            type Alloc = onsite_memory::Allocator<$ty>;
+            const ALLOC: &'static onsite_memory::Allocator<$ty> = &$global;
+        }
+    };
+}
+pub(crate) use reaches;
+
 /// The loop over `R::ALLOC`, reached as a service reaches its global allocator: `Box` and `Vec`
 /// call `__rust_alloc(size, align)`, a function of its own that holds the global allocator's
 /// `alloc` (with no `#[global_allocator]`, the same for `System`), on an allocator in a static.
