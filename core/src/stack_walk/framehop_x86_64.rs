@@ -324,9 +324,11 @@ impl Walker {
         walked
     }
 
-    fn knows(&self, address: u64) -> bool {
+    /// The registered code range holding `address`, if any.
+    fn code_range(&self, address: u64) -> Option<Range<u64>> {
         let after = self.code.partition_point(|range| range.start <= address);
-        after > 0 && self.code[after - 1].contains(&address)
+        let range = self.code.get(after.checked_sub(1)?)?;
+        range.contains(&address).then(|| range.clone())
     }
 
     /// A free cache slot, trying `preferred` first; never waits.
@@ -354,10 +356,16 @@ impl Walker {
         let mut regs = UnwindRegsX86_64::new(pc, sp, bp);
         let mut frame = FrameAddress::from_instruction_pointer(pc);
         let mut depth = 0;
+        // Most frames of a stack are in the same object as the one before (the service's
+        // binary): its range is checked first, before the search over every object's.
+        let mut known = 0..0;
         while depth < ips.len() {
             let lookup = frame.address_for_lookup();
-            if !self.knows(lookup) {
-                return Walked { depth, stopped: Some(WalkError::OutsideKnownCode) };
+            if !known.contains(&lookup) {
+                match self.code_range(lookup) {
+                    Some(range) => known = range,
+                    None => return Walked { depth, stopped: Some(WalkError::OutsideKnownCode) },
+                }
             }
             ips[depth] = frame.address() as usize;
             depth += 1;
