@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant, SystemTime};
 
 use onsite_core::ProfileKind::{Cpu, CpuBefore};
-use onsite_core::pprof::{decode, function_totals, proto::Profile};
+use onsite_core::pprof::{comments, decode, function_totals, proto::Profile};
 use onsite_core::test_support::dump_files;
 use support::Service;
 
@@ -123,10 +123,7 @@ fn a_burst_that_ended_before_the_capture_is_in_cpu_before_and_not_in_the_capture
     assert_eq!(samples_in(&before, "work_during_the_capture"), 0, "the capture's work is not before it");
     assert_eq!(samples_in(&capture, "burst_before_the_capture"), 0, "the burst is not in the capture's own file");
     assert!(samples_in(&capture, "work_during_the_capture") > 0, "the capture has its own work\n{log}");
-    assert!(
-        before.comment.iter().any(|&c| before.string_table[c as usize].contains("CPU flight recorder at 49 Hz")),
-        "the file says what it is"
-    );
+    assert!(comments(&before).any(|c| c.contains("CPU flight recorder at 49 Hz")), "the file says what it is");
 
     // The manifest says which window the file covers: from no later than the burst, up to the
     // capture's start.

@@ -85,7 +85,7 @@ fn flat(rows: &[FunctionTotal], name: &str) -> i64 {
 }
 
 fn comments(profile: &Profile) -> Vec<&str> {
-    profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str()).collect()
+    onsite_core::pprof::comments(profile).collect()
 }
 
 #[test]

@@ -192,7 +192,7 @@ fn samples_by_thread(profile: &Profile) -> HashMap<String, i64> {
 }
 
 fn comment_ms(profile: &Profile, after: &str) -> Option<f64> {
-    profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str()).find_map(|c| {
+    onsite_core::pprof::comments(profile).find_map(|c| {
         let at = c.find(after)? + after.len();
         c[at..].trim_start().split(' ').next()?.parse().ok()
     })

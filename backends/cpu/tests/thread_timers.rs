@@ -79,7 +79,7 @@ fn read_profile(dir: &Path) -> Profile {
 }
 
 fn comments(profile: &Profile) -> Vec<&str> {
-    profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str()).collect()
+    onsite_core::pprof::comments(profile).collect()
 }
 
 /// Samples per `thread` label.

@@ -209,6 +209,11 @@ pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<Funct
     ))
 }
 
+/// The profile's comments, in order (what `go tool pprof -comments` prints).
+pub fn comments(profile: &Profile) -> impl Iterator<Item = &str> {
+    profile.comment.iter().map(|&i| profile.string_table.get(i as usize).map(String::as_str).unwrap_or(""))
+}
+
 /// The position of the sample type named `sample_type` in the profile's values.
 pub fn sample_type_index(profile: &Profile, sample_type: &str) -> Option<usize> {
     let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");

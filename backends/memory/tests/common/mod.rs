@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+pub use onsite_core::pprof::comments;
 use onsite_core::pprof::{FunctionTotal, decode, function_totals, proto::Profile};
 use onsite_core::test_support::{self, ChildTest};
 use onsite_core::{CaptureOutput, CaptureStamp, DumpDir, Profiler, WrittenFile};
@@ -66,11 +67,6 @@ pub fn is_fn(function: &str, name: &str) -> bool {
         f = outer;
     }
     f.ends_with(name)
-}
-
-/// The profile's comments (`go tool pprof -comments`).
-pub fn comments(profile: &Profile) -> impl Iterator<Item = &str> {
-    profile.comment.iter().map(|&i| profile.string_table[i as usize].as_str())
 }
 
 /// The profile's sample type names, in order, and the default one.
