@@ -7,6 +7,6 @@ mod read;
 
 pub use builder::{Frame, PprofBuilder, is_std_function, not_walked_frame, pseudo_frame, resolve_stack, symbolize};
 pub use read::{
-    DecodeError, FunctionTotal, comments, decode, function_totals, sample_stacks, sample_type_index, symbolize_offline,
-    totals_by_function,
+    DecodeError, FunctionTotal, comments, decode, function_totals, sample_stacks, sample_type_index, string_at,
+    symbolize_offline, totals_by_function,
 };

@@ -57,7 +57,7 @@ pub struct FunctionTotal {
 /// its mapping's file and the offset in that file), or its bare address outside any mapping:
 /// never after a neighbouring symbol.
 pub fn sample_stacks(profile: &Profile) -> Vec<(Vec<Cow<'_, str>>, &Sample)> {
-    let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");
+    let s = |i: i64| string_at(profile, i);
     let functions: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, s(f.name))).collect();
     let mappings: HashMap<u64, &proto::Mapping> = profile.mapping.iter().map(|m| (m.id, m)).collect();
     let locations: HashMap<u64, Vec<Cow<'_, str>>> = profile
@@ -102,7 +102,7 @@ fn object_name(path: &str) -> &str {
 /// profile's `drop_frames` are dropped from every sample. Returns how many locations were named.
 /// Mappings that already have functions are left alone.
 pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usize {
-    let s = |p: &Profile, i: i64| p.string_table.get(i as usize).cloned().unwrap_or_default();
+    let s = |p: &Profile, i: i64| string_at(p, i).to_owned();
     let mappings: HashMap<u64, ObjectMapping> = profile
         .mapping
         .iter()
@@ -171,7 +171,7 @@ pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usiz
 /// the whole expression goes, with everything it called. (The writer trims its own frames by
 /// name at the leaf already when it can name them; this does it for frames named later.)
 fn apply_drop_frames(profile: &mut Profile) {
-    let pattern = profile.string_table.get(profile.drop_frames as usize).cloned().unwrap_or_default();
+    let pattern = string_at(profile, profile.drop_frames).to_owned();
     if pattern.is_empty() {
         return;
     }
@@ -179,11 +179,7 @@ fn apply_drop_frames(profile: &mut Profile) {
         tracing::debug!(%pattern, "onsite: the profile's drop_frames is not a regular expression; kept every frame");
         return;
     };
-    let names: HashMap<u64, &str> = profile
-        .function
-        .iter()
-        .map(|f| (f.id, profile.string_table.get(f.name as usize).map_or("", String::as_str)))
-        .collect();
+    let names: HashMap<u64, &str> = profile.function.iter().map(|f| (f.id, string_at(profile, f.name))).collect();
     let dropped: HashMap<u64, bool> = profile
         .location
         .iter()
@@ -211,13 +207,18 @@ pub fn function_totals(profile: &Profile, sample_type: &str) -> Option<Vec<Funct
 
 /// The profile's comments, in order (what `go tool pprof -comments` prints).
 pub fn comments(profile: &Profile) -> impl Iterator<Item = &str> {
-    profile.comment.iter().map(|&i| profile.string_table.get(i as usize).map(String::as_str).unwrap_or(""))
+    profile.comment.iter().map(|&i| string_at(profile, i))
 }
 
 /// The position of the sample type named `sample_type` in the profile's values.
 pub fn sample_type_index(profile: &Profile, sample_type: &str) -> Option<usize> {
-    let s = |i: i64| profile.string_table.get(i as usize).map(String::as_str).unwrap_or("");
-    profile.sample_type.iter().position(|t| s(t.r#type) == sample_type)
+    profile.sample_type.iter().position(|t| string_at(profile, t.r#type) == sample_type)
+}
+
+/// The string at `index` of the profile's string table; empty for an index outside it (a
+/// reader never panics on a malformed profile).
+pub fn string_at(profile: &Profile, index: i64) -> &str {
+    profile.string_table.get(index as usize).map_or("", String::as_str)
 }
 
 /// Totals per function over `samples` (each a stack, leaf first, and its value), by flat

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use onsite_core::pprof::{FunctionTotal, decode, function_totals, proto::Profile};
+use onsite_core::pprof::{FunctionTotal, decode, function_totals, proto::Profile, string_at};
 use serde_json::{Value, json};
 
 use super::{ReportError, Style, fit, human};
@@ -18,18 +18,14 @@ pub fn read_profile(path: &Path) -> Result<Profile, ReportError> {
 /// last one (Go's convention).
 pub fn default_sample_type(profile: &Profile) -> Option<String> {
     if profile.default_sample_type != 0 {
-        return Some(string(profile, profile.default_sample_type));
+        return Some(string_at(profile, profile.default_sample_type).to_owned());
     }
-    profile.sample_type.last().map(|t| string(profile, t.r#type))
-}
-
-pub(crate) fn string(profile: &Profile, index: i64) -> String {
-    profile.string_table.get(index as usize).cloned().unwrap_or_default()
+    profile.sample_type.last().map(|t| string_at(profile, t.r#type).to_owned())
 }
 
 /// Every sample type of `profile`, in order.
 pub(crate) fn sample_types(profile: &Profile) -> Vec<String> {
-    profile.sample_type.iter().map(|t| string(profile, t.r#type)).collect()
+    profile.sample_type.iter().map(|t| string_at(profile, t.r#type).to_owned()).collect()
 }
 
 /// The unit of `sample_type` in `profile`.
@@ -37,8 +33,8 @@ pub(crate) fn unit(profile: &Profile, sample_type: &str) -> String {
     profile
         .sample_type
         .iter()
-        .find(|t| string(profile, t.r#type) == sample_type)
-        .map(|t| string(profile, t.unit))
+        .find(|t| string_at(profile, t.r#type) == sample_type)
+        .map(|t| string_at(profile, t.unit).to_owned())
         .unwrap_or_default()
 }
 
