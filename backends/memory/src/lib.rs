@@ -271,10 +271,10 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 // and the inner allocator after them, so that no register has to move.
 //
 // Go's shape, a thread-local countdown on every allocation in every mode (the off mode's
-// budget only a re-check interval, so a sampled allocation costs what an off one does), was
-// measured over mimalloc: sampled 0.886 of the bare allocator (this shape: 0.82–0.85), but
-// off 0.944–0.952 (this shape: 0.96–0.99). A read-modify-write of a thread-local costs more
-// than one shared, never-written load, and off is what a service pays all the time.
+// budget only a re-check interval, so a sampled allocation costs what an off one does), made
+// sampled cheaper and off dearer (BENCHMARKS, "Tried and not kept"): a read-modify-write of a
+// thread-local costs more than one shared, never-written load, and off is what a service pays
+// all the time.
 //
 // SAFETY: every path hands the call to the inner allocator (directly, or after the sampler's
 // bookkeeping), with the caller's pointer and layout unchanged, so its guarantees are the
