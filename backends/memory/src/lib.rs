@@ -418,33 +418,34 @@ mod routed {
         word: u32,
         inner: &A,
     ) {
-        // SAFETY: the parts of a valid layout.
-        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if mode::of(word) == mode::SAMPLED {
             if sampled::may_be_sampled(ptr) {
                 // SAFETY: forwarded as received.
-                return unsafe { dealloc_maybe_sampled(inner, ptr, layout) };
+                return unsafe { dealloc_maybe_sampled(ptr, size, align, inner) };
             }
-            // SAFETY: forwarded as received.
-            return unsafe { inner.dealloc(ptr, layout) };
+            // SAFETY: forwarded as received; the parts of a valid layout.
+            return unsafe { inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) };
         }
         // SAFETY: forwarded as received.
-        unsafe { dealloc_other(inner, word, ptr, layout) }
+        unsafe { dealloc_other(ptr, size, align, word, inner) }
     }
 
     /// A free whose block may have been sampled (its filter class holds live samples).
+    /// Arguments in `dealloc`'s order, so that its jumps here move no register.
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_maybe_sampled<A: GlobalAlloc>(inner: &A, ptr: *mut u8, layout: Layout) {
+    unsafe fn dealloc_maybe_sampled<A: GlobalAlloc>(ptr: *mut u8, size: usize, align: usize, inner: &A) {
         // Forget the block before the inner allocator can hand its address out again.
         let _ = sampled::forget(ptr);
-        // SAFETY: forwarded as received.
-        unsafe { inner.dealloc(ptr, layout) }
+        // SAFETY: forwarded as received; the parts of a valid layout.
+        unsafe { inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) }
     }
 
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_other<A: GlobalAlloc + 'static>(inner: &A, word: u32, ptr: *mut u8, layout: Layout) {
+    unsafe fn dealloc_other<A: GlobalAlloc + 'static>(ptr: *mut u8, size: usize, align: usize, word: u32, inner: &A) {
+        // SAFETY: the parts of a valid layout.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if word == mode::DHAT
             && is_system::<A>()
             && let Some(_entered) = enter_dhat()
@@ -467,32 +468,33 @@ mod routed {
         word: u32,
         inner: &A,
     ) -> *mut u8 {
-        // SAFETY: the parts of a valid layout.
-        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if mode::of(word) == mode::SAMPLED {
             // The common case: a block never sampled, and a new size within the budget.
             if !sampled::may_be_sampled(ptr) && sampled::count_down(word, new_size) {
-                // SAFETY: forwarded as received.
-                return unsafe { inner.realloc(ptr, layout, new_size) };
+                // SAFETY: forwarded as received; the parts of a valid layout.
+                return unsafe { inner.realloc(ptr, Layout::from_size_align_unchecked(size, align), new_size) };
             }
             // SAFETY: forwarded as received.
-            return unsafe { realloc_sampled(inner, word, ptr, layout, new_size) };
+            return unsafe { realloc_sampled(ptr, size, align, new_size, word, inner) };
         }
         // SAFETY: forwarded as received.
-        unsafe { realloc_other(inner, word, ptr, layout, new_size) }
+        unsafe { realloc_other(ptr, size, align, new_size, word, inner) }
     }
 
     /// A realloc during sampling whose old block may have been sampled, or whose new size is
-    /// past the budget.
+    /// past the budget. Arguments in `realloc`'s order, as for `dealloc_maybe_sampled`.
     #[cold]
     #[inline(never)]
     unsafe fn realloc_sampled<A: GlobalAlloc>(
-        inner: &A,
-        word: u32,
         ptr: *mut u8,
-        layout: Layout,
+        size: usize,
+        align: usize,
         new_size: usize,
+        word: u32,
+        inner: &A,
     ) -> *mut u8 {
+        // SAFETY: the parts of a valid layout.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         // A realloc is a free of the old block and an allocation of the new size, for the
         // books as for dhat. The old block is forgotten first: once the inner allocator has
         // it, its address may be handed to another thread and sampled there.
@@ -515,12 +517,15 @@ mod routed {
     #[cold]
     #[inline(never)]
     unsafe fn realloc_other<A: GlobalAlloc + 'static>(
-        inner: &A,
-        word: u32,
         ptr: *mut u8,
-        layout: Layout,
+        size: usize,
+        align: usize,
         new_size: usize,
+        word: u32,
+        inner: &A,
     ) -> *mut u8 {
+        // SAFETY: the parts of a valid layout.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if word == mode::DHAT
             && is_system::<A>()
             && let Some(_entered) = enter_dhat()
