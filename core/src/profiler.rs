@@ -95,9 +95,11 @@ impl CaptureOutput {
     }
 
     /// Stops symbolising at `deadline` (a shutdown's budget): what is written after it keeps
-    /// its addresses and real mappings, unnamed, so `go tool pprof` with `PPROF_BINARY_PATH`
-    /// (or [`crate::pprof::symbolize_offline`]) can still name it. Applies to every file
-    /// written through this output from now on; an earlier deadline already set stays.
+    /// its addresses and real mappings, unnamed, so [`crate::pprof::symbolize_offline`] can
+    /// still name it, and so can `go tool pprof` with `PPROF_BINARY_PATH` in a mapping less
+    /// than half of which was named in time (pprof leaves a mapping marked `has_functions`
+    /// alone; see the builder). Applies to every file written through this output from now on;
+    /// an earlier deadline already set stays.
     pub fn symbolize_until(&self, deadline: Instant) {
         let mut current = self.symbolize_until.lock().unwrap_or_else(|e| e.into_inner());
         *current = Some(current.map_or(deadline, |d| d.min(deadline)));

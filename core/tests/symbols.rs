@@ -157,3 +157,71 @@ fn a_stripped_copy_names_nothing_wrong_and_is_named_offline_by_build_id() {
     let top = function_totals(&profile, "samples").unwrap();
     assert!(top.iter().any(|t| t.function.ends_with("a_function_with_a_known_name") && t.cum == 7), "{top:?}");
 }
+
+/// A package upgrade replaces a loaded library by renaming a new file over it. The mapping
+/// keeps the build ID of the build that runs (read from memory), and the new file, whose
+/// build ID differs, names nothing: an address is named by the loaded code or left unnamed,
+/// never named after whatever the new file has at that offset.
+#[test]
+fn a_library_replaced_on_disk_keeps_its_loaded_build_id_and_is_not_misnamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libreplaced.so");
+    std::fs::copy("/lib/x86_64-linux-gnu/libm.so.6", &lib).expect("libm to load a copy of");
+    let loaded_id = readelf_build_id(&lib);
+    let path = std::ffi::CString::new(lib.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; the copy stays loaded for the rest of this test process.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!handle.is_null(), "dlopen of the copy failed");
+    // SAFETY: a valid handle and symbol name.
+    let hypot = unsafe { libc::dlsym(handle, c"hypot".as_ptr()) } as u64;
+    assert_ne!(hypot, 0, "hypot in the copy of libm");
+    let address = hypot + 4;
+    let name_now = |symbolizer: &mut Symbolizer| {
+        let mappings = Mappings::of_this_process();
+        let (_, mapping) = mappings.find(address).expect("the copy is mapped");
+        let resolved = symbolizer.resolve(mapping, address);
+        (mapping.build_id.clone(), resolved.frames.first().map(|f| f.function.clone()))
+    };
+    let (id_before, name_before) = name_now(&mut Symbolizer::new());
+    assert_eq!(id_before.as_deref(), Some(loaded_id.as_str()));
+    let name_before = name_before.expect("the loaded copy names its own code");
+    assert!(name_before.contains("hypot"), "{name_before}");
+
+    let new = dir.path().join("new.so");
+    std::fs::copy("/lib/x86_64-linux-gnu/libc.so.6", &new).unwrap();
+    std::fs::rename(&new, &lib).unwrap();
+    assert_ne!(readelf_build_id(&lib), loaded_id, "the file at the path is another build now");
+
+    let (id_after, name_after) = name_now(&mut Symbolizer::new());
+    assert_eq!(id_after.as_deref(), Some(loaded_id.as_str()), "the build that runs, not the file's");
+    assert_eq!(name_after, None, "the replaced file names nothing");
+}
+
+/// A symbolisation deadline (a shutdown's budget) can leave some locations of a mapping
+/// unnamed after most were named, and the mapping is then marked `has_functions`; the offline
+/// symboliser still names the ones left.
+#[test]
+fn a_location_left_unnamed_in_a_marked_mapping_is_named_offline() {
+    let mut profile = decode(&profile_of_own_stack()).unwrap();
+    assert!(profile.mapping[0].has_functions, "the program's mapping is marked");
+    let known = profile
+        .function
+        .iter()
+        .find(|f| profile.string_table[f.name as usize].ends_with("a_function_with_a_known_name"))
+        .expect("the known function is named")
+        .id;
+    let location = profile
+        .location
+        .iter_mut()
+        .find(|l| l.line.iter().any(|line| line.function_id == known))
+        .expect("a location in the known function");
+    // As a deadline leaves it: the address in its mapping, no name.
+    location.line.clear();
+    let top = function_totals(&profile, "samples").unwrap();
+    assert!(!top[0].function.ends_with("a_function_with_a_known_name"), "{top:?}");
+
+    assert!(symbolize_offline(&mut profile, &[]) >= 1, "the unnamed location is named");
+    let top = function_totals(&profile, "samples").unwrap();
+    assert!(top[0].function.ends_with("a_function_with_a_known_name"), "{top:?}");
+    assert_eq!(top[0].flat, 7);
+}

@@ -96,17 +96,20 @@ fn object_name(path: &str) -> &str {
 }
 
 /// Names the function-less locations of `profile` from unstripped copies of its objects, the
-/// way pprof does with `PPROF_BINARY_PATH`: each mapping without functions is looked up in
+/// way pprof does with `PPROF_BINARY_PATH`: each mapping's object is looked up in
 /// `search_path` (by build ID and file name; see [`Symbolizer::with_search_path`]) and, failing
 /// that, at its own path, and is used only when its build ID matches. Then, as pprof does, the
 /// profile's `drop_frames` are dropped from every sample. Returns how many locations were named.
-/// Mappings that already have functions are left alone.
+///
+/// Unlike pprof, which skips a mapping marked `has_functions`, this looks at every location
+/// without a name in every mapping: a mapping most of whose locations were named when it was
+/// written is marked, and the rest (those a symbolisation deadline left) are named here.
+/// Locations that have names keep them.
 pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usize {
     let s = |p: &Profile, i: i64| string_at(p, i).to_owned();
     let mappings: HashMap<u64, ObjectMapping> = profile
         .mapping
         .iter()
-        .filter(|m| !m.has_functions)
         .map(|m| {
             let build_id = Some(s(profile, m.build_id)).filter(|b| !b.is_empty());
             let mapping = ObjectMapping {
@@ -115,6 +118,9 @@ pub fn symbolize_offline(profile: &mut Profile, search_path: &[PathBuf]) -> usiz
                 file_offset: m.file_offset,
                 path: s(profile, m.filename),
                 build_id,
+                // Offline, the mapping's own path is the reader's file: used as any other
+                // candidate, matched by build ID when the profile has one.
+                path_maps_this: true,
             };
             (m.id, mapping)
         })

@@ -21,7 +21,7 @@
 //! meanwhile gets the still-loaded copy back.
 
 use std::cell::UnsafeCell;
-use std::ffi::{CStr, CString, c_void};
+use std::ffi::{CStr, c_void};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -29,6 +29,7 @@ use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, FrameAddress, MustNotAllocateDuringUnwind, Unwinder};
 
 use super::{WalkError, Walked};
+use crate::symbols::loaded::{LoadedObject, loaded_objects};
 
 /// Section bytes of a loaded object, read in place. Valid while the object stays loaded; see
 /// the module docs for why no walk uses them after it was unloaded.
@@ -432,39 +433,6 @@ fn checked_read_word(pid: libc::pid_t, address: u64) -> Result<u64, i32> {
     } else {
         Err(libc::EFAULT)
     }
-}
-
-/// One loaded object as `dl_iterate_phdr` showed it, copied out of the callback.
-struct LoadedObject {
-    name: CString,
-    bias: u64,
-    headers: Vec<libc::Elf64_Phdr>,
-}
-
-/// The objects loaded now. Nothing but copying happens inside the loader's callback.
-fn loaded_objects() -> Vec<LoadedObject> {
-    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, size: libc::size_t, data: *mut libc::c_void) -> i32 {
-        if size < std::mem::size_of::<libc::dl_phdr_info>() {
-            return 0;
-        }
-        // SAFETY: the loader passes a valid `info`; `data` is the `Vec` below.
-        unsafe {
-            let info = &*info;
-            let objects = &mut *(data as *mut Vec<LoadedObject>);
-            let headers = if info.dlpi_phdr.is_null() {
-                Vec::new()
-            } else {
-                std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)).to_vec()
-            };
-            let name = if info.dlpi_name.is_null() { c"" } else { CStr::from_ptr(info.dlpi_name) };
-            objects.push(LoadedObject { name: name.to_owned(), bias: info.dlpi_addr, headers });
-        }
-        0
-    }
-    let mut objects: Vec<LoadedObject> = Vec::new();
-    // SAFETY: the callback matches the signature and only pushes onto `objects`.
-    unsafe { libc::dl_iterate_phdr(Some(each), &mut objects as *mut Vec<LoadedObject> as *mut libc::c_void) };
-    objects
 }
 
 impl LoadedObject {

@@ -75,7 +75,7 @@ impl std::fmt::Debug for ElfObject {
 }
 
 /// Lower-case hex, as `readelf -n` and `go tool pprof` print build IDs.
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -19,8 +19,14 @@ pub struct ObjectMapping {
     /// The file, as the kernel names it (` (deleted)` trimmed), or a pseudo-name such as
     /// `[vdso]`.
     pub path: String,
-    /// The GNU build ID (the `NT_GNU_BUILD_ID` note) in lower-case hex, when the file has one.
+    /// The GNU build ID (the `NT_GNU_BUILD_ID` note) in lower-case hex, when the object has
+    /// one: read from the loaded object in memory, so it is the build that runs even when the
+    /// file at `path` has been replaced since.
     pub build_id: Option<String>,
+    /// Whether the file at `path` may still be the one mapped: `false` when the kernel marks
+    /// the mapping's file deleted (replaced or removed since it was loaded). A symboliser then
+    /// reads `path` only to find a file whose build ID matches, never on trust.
+    pub path_maps_this: bool,
 }
 
 impl ObjectMapping {
@@ -51,6 +57,17 @@ pub(crate) fn object_name(path: &str) -> &str {
     Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or(path)
 }
 
+/// A file-backed line of `/proc/<pid>/maps`, as [`Mappings::parse`] asks about it.
+#[derive(Debug, Clone, Copy)]
+pub struct MappedFile<'a> {
+    /// The path, ` (deleted)` trimmed.
+    pub path: &'a str,
+    /// The first address mapped.
+    pub start: u64,
+    /// Whether the kernel marked the file deleted.
+    pub deleted: bool,
+}
+
 /// The executable mappings of one process, sorted by address.
 #[derive(Debug, Clone, Default)]
 pub struct Mappings {
@@ -58,15 +75,22 @@ pub struct Mappings {
 }
 
 impl Mappings {
-    /// This process's executable mappings now, each with its file's build ID. A
-    /// `/proc/self/maps` that cannot be read gives no mappings (logged): every address is then
-    /// unnamed rather than misnamed.
+    /// This process's executable mappings now, each with its object's build ID: from the
+    /// loaded object's notes in memory, or, for a file mapped without the loader, from the
+    /// file if the kernel does not mark it deleted. A `/proc/self/maps` that cannot be read
+    /// gives no mappings (logged): every address is then unnamed rather than misnamed.
     pub fn of_this_process() -> Mappings {
         match std::fs::read_to_string("/proc/self/maps") {
             Ok(text) => {
-                let mut build_ids: HashMap<String, Option<String>> = HashMap::new();
-                Mappings::parse(&text, |path| {
-                    build_ids.entry(path.to_owned()).or_insert_with(|| super::elf::build_id_of_file(path)).clone()
+                let loaded = super::loaded::loaded_objects();
+                let mut from_files: HashMap<String, Option<String>> = HashMap::new();
+                Mappings::parse(&text, |file| match loaded.iter().find(|o| o.contains(file.start)) {
+                    Some(object) => object.build_id.clone(),
+                    None if file.deleted => None,
+                    None => from_files
+                        .entry(file.path.to_owned())
+                        .or_insert_with(|| super::elf::build_id_of_file(file.path))
+                        .clone(),
                 })
             }
             Err(e) => {
@@ -79,11 +103,11 @@ impl Mappings {
     /// Parses the text of a `/proc/<pid>/maps` file: one mapping per executable range of a
     /// file-backed object (or a named pseudo-object such as `[vdso]`), adjacent ranges of one
     /// file that continue each other in the file merged into one. `build_id` gives the build ID
-    /// of a file by path (only asked for real files). Lines that do not parse are skipped.
-    pub fn parse(maps: &str, mut build_id: impl FnMut(&str) -> Option<String>) -> Mappings {
+    /// of a mapped file (only asked for real files). Lines that do not parse are skipped.
+    pub fn parse(maps: &str, mut build_id: impl FnMut(MappedFile<'_>) -> Option<String>) -> Mappings {
         let mut objects: Vec<ObjectMapping> = Vec::new();
         for line in maps.lines() {
-            let Some((start, limit, file_offset, path)) = parse_line(line) else { continue };
+            let Some((start, limit, file_offset, path, deleted)) = parse_line(line) else { continue };
             if let Some(last) = objects.last_mut()
                 && last.path == path
                 && last.limit == start
@@ -92,9 +116,16 @@ impl Mappings {
                 last.limit = limit;
                 continue;
             }
-            let mut object = ObjectMapping { start, limit, file_offset, path: path.to_owned(), build_id: None };
+            let mut object = ObjectMapping {
+                start,
+                limit,
+                file_offset,
+                path: path.to_owned(),
+                build_id: None,
+                path_maps_this: !deleted,
+            };
             if object.is_file() {
-                object.build_id = build_id(path);
+                object.build_id = build_id(MappedFile { path, start, deleted });
             }
             objects.push(object);
         }
@@ -124,8 +155,9 @@ impl Mappings {
     }
 }
 
-/// `start-limit perms offset dev inode path` → the executable ranges worth a mapping.
-fn parse_line(line: &str) -> Option<(u64, u64, u64, &str)> {
+/// `start-limit perms offset dev inode path` → the executable ranges worth a mapping, and
+/// whether the file is marked deleted.
+fn parse_line(line: &str) -> Option<(u64, u64, u64, &str, bool)> {
     let mut fields = line.splitn(6, ' ');
     let (range, perms, offset, _dev, inode) =
         (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
@@ -136,13 +168,16 @@ fn parse_line(line: &str) -> Option<(u64, u64, u64, &str)> {
     let (start, limit) = range.split_once('-')?;
     let (start, limit) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(limit, 16).ok()?);
     let offset = u64::from_str_radix(offset, 16).ok()?;
-    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    let (path, deleted) = match path.strip_suffix(" (deleted)") {
+        Some(path) => (path, true),
+        None => (path, false),
+    };
     // Anonymous executable memory (JIT code, the unpopulated head of a huge-page text mapping)
     // has no file to symbolise from: its addresses stay outside every mapping.
     if path.is_empty() || (inode == "0" && !path.starts_with('[')) {
         return None;
     }
-    Some((start, limit, offset, path))
+    Some((start, limit, offset, path, deleted))
 }
 
 #[cfg(test)]
@@ -163,9 +198,9 @@ garbage line
     #[test]
     fn executable_ranges_become_mappings_and_continuing_ranges_merge() {
         let mut asked = Vec::new();
-        let mappings = Mappings::parse(MAPS, |path| {
-            asked.push(path.to_owned());
-            Some(format!("id-of-{}", object_name(path)))
+        let mappings = Mappings::parse(MAPS, |file| {
+            asked.push((file.path.to_owned(), file.deleted));
+            Some(format!("id-of-{}", object_name(file.path)))
         });
         let all: Vec<_> = mappings.iter().collect();
         assert_eq!(all.len(), 3, "{all:?}");
@@ -177,13 +212,15 @@ garbage line
                 file_offset: 0x40000,
                 path: "/srv/demo-mq".into(),
                 build_id: Some("id-of-demo-mq".into()),
+                path_maps_this: true,
             }
         );
         assert_eq!(all[1].path, "/lib/x86_64-linux-gnu/libc.so.6", "the deleted marker is trimmed");
+        assert!(!all[1].path_maps_this, "and remembered");
         assert_eq!(all[1].file_offset, 0x28000);
         assert_eq!(all[2].path, "[vdso]");
         assert_eq!(all[2].build_id, None, "pseudo-objects are not opened");
-        assert_eq!(asked, ["/srv/demo-mq", "/lib/x86_64-linux-gnu/libc.so.6"]);
+        assert_eq!(asked, [("/srv/demo-mq".to_owned(), false), ("/lib/x86_64-linux-gnu/libc.so.6".to_owned(), true)]);
 
         let (index, found) = mappings.find(0x55d0c1a40010).unwrap();
         assert_eq!(index, 0);

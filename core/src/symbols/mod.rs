@@ -2,7 +2,10 @@
 //! where it is in that object's file, and what the object's symbols say about it.
 //!
 //! - [`Mappings`]: this process's executable mappings from `/proc/self/maps`, each with its
-//!   file offset and GNU build ID, as pprof's `Mapping` wants them.
+//!   file offset and GNU build ID (the loaded object's, read from memory: the file at its path
+//!   may have been replaced since), as pprof's `Mapping` wants them.
+//! - `loaded`: the objects the loader has loaded (`dl_iterate_phdr`), the one list of them,
+//!   for those build IDs and for the stack walker's modules.
 //! - [`Symbolizer`]: addresses to frames through `addr2line` (DWARF) and the ELF symbol table
 //!   (`.symtab`, else `.dynsym`, sizes checked), reading each object's own file, or files
 //!   found on a search path by build ID (offline, like `PPROF_BINARY_PATH`).
@@ -14,6 +17,7 @@
 //!   held up by symbolisation.
 
 mod elf;
+pub(crate) mod loaded;
 mod maps;
 mod symbolizer;
 

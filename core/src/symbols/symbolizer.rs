@@ -13,8 +13,10 @@ use crate::pprof::Frame;
 ///
 /// It takes no lock of its own and none of the `backtrace` crate's: a caller that needs one
 /// instance across threads wraps it (see [`with_shared`]). An object is only used when its
-/// build ID matches the mapping's, so a file replaced on disk since it was loaded, or a
-/// different build found on a search path, names nothing rather than the wrong thing.
+/// build ID matches the mapping's (read from the loaded object in memory), so a file replaced
+/// on disk since it was loaded, or a different build found on a search path, names nothing
+/// rather than the wrong thing; a mapping without a build ID reads its own path only while the
+/// kernel does not mark that file deleted.
 #[derive(Debug, Default)]
 pub struct Symbolizer {
     search_path: Vec<PathBuf>,
@@ -139,7 +141,10 @@ impl Symbolizer {
             paths.push(dir.join(name));
             paths.push(dir.join(relative));
         }
-        paths.push(Path::new(&mapping.path).to_path_buf());
+        // A file replaced since it was loaded is used only if its build ID proves it the same.
+        if mapping.path_maps_this || mapping.build_id.is_some() {
+            paths.push(Path::new(&mapping.path).to_path_buf());
+        }
         paths
     }
 }

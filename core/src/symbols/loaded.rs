@@ -1,0 +1,87 @@
+//! The objects the dynamic loader has loaded now (`dl_iterate_phdr`), copied out of its
+//! callback: the one list of them, read by the stack walker (their `.eh_frame` in memory) and
+//! by [`super::Mappings`] (their build IDs).
+//!
+//! A loaded object's build ID is read from its own notes in memory, inside the callback (the
+//! loader holds its list lock there, so the object cannot be unloaded while its notes are
+//! read). The file at the object's path may not be the one that was loaded: a package upgrade
+//! replaces it while the service runs, and a profile that took the new file's build ID would
+//! send every reader to the wrong file. Nothing but copying and parsing happens inside the
+//! callback: it must not call back into the loader (see `stack_walk`'s pins).
+
+use std::ffi::{CStr, CString};
+
+use object::NativeEndian;
+use object::elf::{FileHeader64, NT_GNU_BUILD_ID};
+use object::read::elf::NoteIterator;
+
+/// One loaded object as `dl_iterate_phdr` showed it.
+pub(crate) struct LoadedObject {
+    /// The path the loader opened it by; empty for the program itself.
+    pub(crate) name: CString,
+    /// What its link-time addresses are offset by in memory.
+    pub(crate) bias: u64,
+    /// Its program headers.
+    pub(crate) headers: Vec<libc::Elf64_Phdr>,
+    /// Its GNU build ID (lower-case hex), from its notes in memory.
+    pub(crate) build_id: Option<String>,
+}
+
+impl LoadedObject {
+    /// Whether run-time `address` lies in one of its loadable segments.
+    pub(crate) fn contains(&self, address: u64) -> bool {
+        self.headers.iter().any(|h| {
+            h.p_type == libc::PT_LOAD
+                && self.bias.wrapping_add(h.p_vaddr) <= address
+                && address - self.bias.wrapping_add(h.p_vaddr) < h.p_memsz
+        })
+    }
+}
+
+/// The objects loaded now, in the loader's order (the program first).
+pub(crate) fn loaded_objects() -> Vec<LoadedObject> {
+    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, size: libc::size_t, data: *mut libc::c_void) -> i32 {
+        if size < std::mem::size_of::<libc::dl_phdr_info>() {
+            return 0;
+        }
+        // SAFETY: the loader passes a valid `info` whose headers and loaded segments stay
+        // mapped for the callback; `data` is the `Vec` below.
+        unsafe {
+            let info = &*info;
+            let objects = &mut *(data as *mut Vec<LoadedObject>);
+            let headers = if info.dlpi_phdr.is_null() {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)).to_vec()
+            };
+            let name = if info.dlpi_name.is_null() { c"" } else { CStr::from_ptr(info.dlpi_name) };
+            let build_id = build_id_in_memory(info.dlpi_addr, &headers);
+            objects.push(LoadedObject { name: name.to_owned(), bias: info.dlpi_addr, headers, build_id });
+        }
+        0
+    }
+    let mut objects: Vec<LoadedObject> = Vec::new();
+    // SAFETY: the callback matches the signature and only pushes onto `objects`.
+    unsafe { libc::dl_iterate_phdr(Some(each), &mut objects as *mut Vec<LoadedObject> as *mut libc::c_void) };
+    objects
+}
+
+/// The `NT_GNU_BUILD_ID` note among the object's `PT_NOTE` segments, in hex.
+///
+/// # Safety
+/// The object must stay loaded while this runs (inside `dl_iterate_phdr`'s callback).
+unsafe fn build_id_in_memory(bias: u64, headers: &[libc::Elf64_Phdr]) -> Option<String> {
+    headers.iter().filter(|h| h.p_type == libc::PT_NOTE && h.p_filesz > 0).find_map(|h| {
+        let start = bias.wrapping_add(h.p_vaddr);
+        // SAFETY: a note segment lies inside a loadable one (the loader maps it with the
+        // object), and the caller keeps the object loaded.
+        let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, h.p_filesz as usize) };
+        let mut notes = NoteIterator::<FileHeader64<NativeEndian>>::new(NativeEndian, h.p_align, bytes).ok()?;
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == b"GNU" && note.n_type(NativeEndian) == NT_GNU_BUILD_ID {
+                return Some(super::elf::hex(note.desc()));
+            }
+        }
+        None
+    })
+}
