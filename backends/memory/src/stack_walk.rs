@@ -1,8 +1,9 @@
 //! Stack walks for sampled allocations, from inside the global allocator, with onsite-core's
 //! lock-free walker (`onsite_core::stack_walk`, whose docs say why it is safe there).
 //!
-//! The walker is built by [`install`] at capture start, on the control thread, before the
-//! allocator starts sampling (building it allocates), and published in [`WALKER`]; it is only
+//! The walker is built by [`install`] at a sampled start (a capture's, on the control thread;
+//! always-on sampling's, on the thread calling `MemoryProfiler::sample_always`), before the allocator starts
+//! sampling (building it allocates), and published in [`WALKER`]; it is only
 //! used inside the sampler's counted (`in_flight`) section, and [`uninstall`] drops it after the
 //! stop has waited for those to finish and the file is written (so the frames are symbolised
 //! while the objects its pins keep loaded are still there). libgcc's unwinder stays the
