@@ -28,9 +28,11 @@ fn burst_before_the_capture(until: Instant) -> u64 {
     n
 }
 
+/// `black_box` keeps the call from being a tail call, which in an optimised build would take
+/// this frame off the stacks sampled under it.
 #[inline(never)]
 fn work_during_the_capture() -> u64 {
-    support::burn_cpu_in_a_known_function(20_000)
+    std::hint::black_box(support::burn_cpu_in_a_known_function(20_000))
 }
 
 /// Burns CPU for [`BURST`], idles for [`GAP`], says so, then works in another function once

@@ -24,7 +24,8 @@ const PATH_BITS: u32 = 13;
 const BLOCK: usize = 1000;
 
 /// Allocates one block at the end of a call path spelling `path` in two functions, so every
-/// `path` is a distinct stack.
+/// `path` is a distinct stack. The two fill their blocks differently: with identical bodies an
+/// optimised build folds them into one function, and the paths into one stack.
 #[inline(never)]
 fn left(path: usize, bits: u32) -> Vec<u8> {
     if bits == 0 { vec![path as u8; BLOCK] } else { black_box(step(path, bits - 1)) }
@@ -32,7 +33,7 @@ fn left(path: usize, bits: u32) -> Vec<u8> {
 
 #[inline(never)]
 fn right(path: usize, bits: u32) -> Vec<u8> {
-    if bits == 0 { vec![path as u8; BLOCK] } else { black_box(step(path, bits - 1)) }
+    if bits == 0 { vec![!(path as u8); BLOCK] } else { black_box(step(path, bits - 1)) }
 }
 
 #[inline(never)]
