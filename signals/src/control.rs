@@ -451,7 +451,7 @@ impl Controller {
             held_elsewhere,
             started: now,
             started_wall,
-            deadline: now + length,
+            deadline: crate::env::instant_after(now, length),
             rule_deadline,
             before_window,
             pull,
@@ -535,7 +535,9 @@ impl Controller {
         // A process on its way out has a grace period: symbolising stops at the budget and the
         // rest is written with addresses and mappings only.
         if matches!(cause, Cause::Termination(_) | Cause::Shutdown) {
-            capture.output.symbolize_until(Instant::now() + self.setup.backends.shutdown_budget);
+            capture
+                .output
+                .symbolize_until(crate::env::instant_after(Instant::now(), self.setup.backends.shutdown_budget));
         }
         // Stop in the reverse order of starting, so the memory capture (started last) stops
         // first and sees none of the other kinds' stop work (symbolising, pprof-rs's reset).

@@ -2,7 +2,7 @@
 //! [`Reader`] decides what a rejected value does to the installation.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use onsite_core::ConfigError;
 
@@ -89,8 +89,19 @@ pub(crate) fn parsed<T>(name: &str, parse: impl Fn(&str) -> Result<T, String>) -
     }
 }
 
+/// The longest duration any `ONSITE_*` setting or `ONSITE_AUTO` rule takes: a year. No capture,
+/// budget, interval or cooldown needs more, and a ceiling this far below `Duration::MAX` keeps
+/// every "now plus this" onsite computes representable.
+pub(crate) const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `now + after`, or (for a duration no clock can add, which only a builder setting can give)
+/// `now + LONGEST`: as good as never for a capture, a budget or a cooldown, and never a panic.
+pub(crate) fn instant_after(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after).or_else(|| now.checked_add(LONGEST)).unwrap_or(now)
+}
+
 /// A duration as a person types it: `90s`, `10m`, `1h`, `250ms`, or a combination like `1m30s`.
-/// A bare number is refused: its unit would be a guess.
+/// A bare number is refused: its unit would be a guess. Longer than [`LONGEST`] is refused too.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -115,7 +126,15 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
             unit => return Err(format!("unknown unit {unit:?}; use ms, s, m or h")),
         };
         rest = &rest[unit_len..];
-        total += Duration::try_from_secs_f64(number * seconds_per_unit).map_err(|e| e.to_string())?;
+        let too_long =
+            || format!("is longer than {}h (a year), the longest duration onsite takes", LONGEST.as_secs() / 3600);
+        // Checked before converting, so a number too big for a `Duration` gets the same answer.
+        let seconds = number * seconds_per_unit;
+        if seconds > LONGEST.as_secs_f64() {
+            return Err(too_long());
+        }
+        let part = Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())?;
+        total = total.checked_add(part).filter(|t| *t <= LONGEST).ok_or_else(too_long)?;
     }
     Ok(total)
 }
@@ -235,6 +254,31 @@ mod tests {
         assert!(parse_duration("10 minutes").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn durations_stop_at_a_year() {
+        assert_eq!(parse_duration("8760h"), Ok(LONGEST));
+        assert_eq!(parse_duration("8759h60m"), Ok(LONGEST));
+        assert_eq!(parse_duration("8760h0s"), Ok(LONGEST));
+        let too_long = |text: &str| parse_duration(text).unwrap_err().contains("longer than 8760h");
+        assert!(too_long("8760h1ms"));
+        assert!(too_long("8761h"));
+        assert!(too_long("8760h8760h"));
+        // Each part alone, and the sum, are beyond what a `Duration` holds.
+        assert!(too_long("10000000000000000000s"));
+        assert!(too_long("10000000000000000000s10000000000000000000s"));
+        assert!(too_long(&format!("{}s", u64::MAX)));
+        // Too big for an f64: infinity, which is no more a duration than the rest.
+        assert!(too_long(&format!("{}h", "9".repeat(400))));
+        assert!(parse_duration("1.2.3s").is_err());
+    }
+
+    #[test]
+    fn instants_after_never_overflow() {
+        let now = Instant::now();
+        assert_eq!(instant_after(now, Duration::from_secs(3)), now + Duration::from_secs(3));
+        assert_eq!(instant_after(now, Duration::MAX), now + LONGEST);
     }
 
     #[test]

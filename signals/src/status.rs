@@ -61,7 +61,8 @@ fn write_marker(
         "command": out.dump_dir().command(),
         "capture": out.stamp().as_str(),
         "running": running,
-        "stops_by_unix_ms": unix_ms(SystemTime::now() + length),
+        // A length no clock can add (only a builder setting gives one) stops at the end of time.
+        "stops_by_unix_ms": SystemTime::now().checked_add(length).map_or(u64::MAX, unix_ms),
         "started_by": crate::manifest::trigger_json(trigger),
         "kinds": kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
     });

@@ -109,3 +109,62 @@ fn a_bad_signal_setting_turns_that_job_off_and_one_signal_for_two_jobs_is_refuse
     assert!(log.contains("no toggle signal (ONSITE_TOGGLE_SIGNAL=off)"), "{log}");
     assert!(service.is_alive());
 }
+
+#[test]
+fn a_duration_too_long_for_the_clock_is_refused_and_the_service_keeps_serving() {
+    // Each part, and their sum, is beyond what a `Duration` holds; a year and a day is not, but
+    // is past onsite's ceiling.
+    const HUGE: &str = "10000000000000000000s10000000000000000000s";
+    const SINGLE: &str = "10000000000000000000s";
+    let dir = tempfile::tempdir().unwrap();
+    let out = ChildTest::new("child_service")
+        .env("ONSITE_DIR", dir.path())
+        .env("ONSITE_STRICT", "1")
+        .env("ONSITE_MAX_DURATION", HUGE)
+        .output(DEADLINE);
+    assert_eq!(out.status.code(), Some(3), "install failed: {}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("ONSITE_MAX_DURATION={HUGE:?}: is longer than 8760h")),
+        "strict mode names the variable and the value: {}",
+        out.stderr
+    );
+
+    let mut service = Service::start(
+        "child_service",
+        dir.path(),
+        &[
+            ("ONSITE_MAX_DURATION", HUGE),
+            ("ONSITE_SHUTDOWN_BUDGET", SINGLE),
+            ("ONSITE_AUTO_INTERVAL", "8784h"),
+            ("ONSITE_KINDS", "cpu"),
+        ],
+    );
+    let log = service.log_text();
+    for (variable, value, instead) in [
+        ("ONSITE_MAX_DURATION", HUGE, "using 600s instead"),
+        ("ONSITE_SHUTDOWN_BUDGET", SINGLE, "using 3s instead"),
+        ("ONSITE_AUTO_INTERVAL", "8784h", "using 5s instead"),
+    ] {
+        let line = report_of(&log, variable, value)
+            .unwrap_or_else(|| panic!("{variable}={value} is not reported in the log:\n{log}"));
+        assert!(line.contains("ERROR") && line.contains("longer than 8760h"), "{line}");
+        assert!(line.contains(instead), "the line says what is used instead ({instead}): {line}");
+    }
+    service.signal(libc::SIGUSR2);
+    service.wait_for_log("capture started", DEADLINE);
+    let started = service.log_text().lines().find(|l| l.contains("capture started")).unwrap().to_owned();
+    assert!(started.contains("stops_after=600s"), "{started}");
+    service.signal(libc::SIGUSR2);
+    service.wait_for_files(Cpu, "pprof", 1, DEADLINE);
+    assert!(service.is_alive(), "the service runs on:\n{}", service.log_text());
+    drop(service);
+
+    // The longest accepted, a year, runs a capture: its stop time is still one the clock holds.
+    let mut service =
+        Service::start("child_service", dir.path(), &[("ONSITE_MAX_DURATION", "8760h"), ("ONSITE_KINDS", "cpu")]);
+    service.signal(libc::SIGUSR2);
+    service.wait_for_log("capture started", DEADLINE);
+    service.signal(libc::SIGUSR2);
+    service.wait_for_files(Cpu, "pprof", 2, DEADLINE);
+    assert!(service.is_alive(), "the service runs on:\n{}", service.log_text());
+}

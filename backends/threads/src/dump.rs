@@ -528,7 +528,11 @@ pub fn dump_all_threads_with_signal(
     crate::fork::register_child_handler();
     let _one_at_a_time = OneDumpAtATime::take();
     let started = Instant::now();
-    let end = started + deadline;
+    // A deadline no clock can add (`Duration::MAX` from a builder) waits a year instead of panicking.
+    let end = started
+        .checked_add(deadline)
+        .or_else(|| started.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(started);
     let me = gettid();
     let tids: Vec<i32> = crate::profile::task_ids().into_iter().filter(|&t| t != me).collect();
 

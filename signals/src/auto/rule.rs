@@ -409,6 +409,22 @@ mod tests {
     }
 
     #[test]
+    fn durations_past_a_year_are_refused_in_every_place() {
+        const HUGE: &str = "10000000000000000000s10000000000000000000s";
+        for rule in [
+            format!("mem>80%for{HUGE}"),
+            format!("mem>80% capture={HUGE}"),
+            format!("mem>80% cooldown={HUGE}"),
+            format!("threads+50% window={HUGE}"),
+            "mem>80% cooldown=8761h".to_owned(),
+        ] {
+            let e = parse_rule(&rule).unwrap_err();
+            assert!(e.contains("longer than 8760h"), "{rule}: {e}");
+        }
+        assert_eq!(parse_rule("mem>80% cooldown=8760h").unwrap().cooldown, crate::env::LONGEST);
+    }
+
+    #[test]
     fn the_readme_examples_parse() {
         let readme = include_str!("../../README.md");
         let examples: Vec<&str> =

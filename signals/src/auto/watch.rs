@@ -9,6 +9,7 @@ use onsite_core::ProfileKind;
 
 use super::metrics::{MetricSource, Sample};
 use super::rule::{Condition, DEFAULT_JUMP_WINDOW_SAMPLES, Metric, Rule, Unit, human_bytes};
+use crate::env;
 
 /// The most history points a rule keeps for its manifest.
 const MAX_HISTORY: usize = 600;
@@ -77,11 +78,13 @@ impl Watch {
             .map(|rule| {
                 let samples_in = |d: Duration| (d.as_secs_f64() / interval.as_secs_f64()).round() as usize;
                 let (window_samples, lookback) = match &rule.condition {
-                    Condition::Absolute(_) => (0, interval * 10),
-                    Condition::Sustained(_, d) => (0, *d + interval * 3),
+                    // Saturating: `Builder::auto_interval` takes any duration, and a lookback of
+                    // `Duration::MAX` only means all of the (capped) history is kept.
+                    Condition::Absolute(_) => (0, interval.saturating_mul(10)),
+                    Condition::Sustained(_, d) => (0, d.saturating_add(interval.saturating_mul(3))),
                     Condition::Jump { window, .. } => {
                         let n = window.map_or(DEFAULT_JUMP_WINDOW_SAMPLES, samples_in).max(2);
-                        (n, interval * (n as u32 + 3))
+                        (n, interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX).saturating_add(3)))
                     }
                 };
                 RuleState {
@@ -119,9 +122,9 @@ impl Watch {
         // up for longer than an interval (a capture writing its files), the missed samples are
         // skipped, not bunched, and the sample is dated now.
         let due = self.next_due;
-        self.next_due += self.interval;
+        self.next_due = env::instant_after(due, self.interval);
         let at = if self.next_due <= now {
-            self.next_due = now + self.interval;
+            self.next_due = env::instant_after(now, self.interval);
             now
         } else {
             due
@@ -196,7 +199,7 @@ impl Watch {
     pub(crate) fn capture_ended(&mut self, rule: usize, at: Instant) {
         if let Some(state) = self.rules.get_mut(rule) {
             state.capturing = false;
-            state.cooldown_until = Some(at + state.rule.cooldown);
+            state.cooldown_until = Some(env::instant_after(at, state.rule.cooldown));
             state.told_cooling = false;
         }
     }
@@ -456,5 +459,21 @@ mod tests {
         watch.tick(start + Duration::from_secs(23), false); // late: one sample, next due 5 s on
         assert_eq!(script.threads.lock().unwrap().len(), 8);
         assert_eq!(watch.next_due(), start + Duration::from_secs(28));
+    }
+
+    #[test]
+    fn a_builder_interval_or_cooldown_no_clock_can_add_never_panics() {
+        let script = Script::default();
+        script.threads.lock().unwrap().extend(all(3, 100));
+        let mut rule = parse_rule("threads>50").unwrap();
+        rule.cooldown = Duration::MAX;
+        let rules = vec![rule, parse_rule("threads>50for1h").unwrap(), parse_rule("threads+50%").unwrap()];
+        let start = Instant::now();
+        let mut watch = Watch::new(rules, Duration::MAX, Box::new(script), start);
+        let fired = watch.tick(start, false).expect("fires on the first sample");
+        assert_eq!(watch.next_due(), start + crate::env::LONGEST);
+        watch.capture_ended(fired.rule, start);
+        watch.tick(start + crate::env::LONGEST, false);
+        assert!(watch.next_due() > start + crate::env::LONGEST);
     }
 }
