@@ -323,7 +323,9 @@ pub(crate) fn kind_in_name(name: &str) -> Option<&str> {
     (1..words.len().saturating_sub(1)).rev().find_map(|i| {
         let pid = words[i - 1];
         let stamp = words[i + 1];
-        let is_stamp = stamp.len() > 9 && stamp.as_bytes()[..8].iter().all(u8::is_ascii_digit) && &stamp[8..9] == "T";
+        // Bytes, not a `str` slice: a name may hold any character right after the digits.
+        let is_stamp =
+            stamp.len() > 9 && stamp.as_bytes()[..8].iter().all(u8::is_ascii_digit) && stamp.as_bytes()[8] == b'T';
         (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && is_stamp).then_some(words[i])
     })
 }
@@ -476,6 +478,11 @@ mod tests {
         assert_eq!(kind_in_name("demo-mq-123-memory-20261127T121530.123Z.pprof"), Some("memory"));
         assert_eq!(kind_in_name("svc-9-threadcreate-20261127T121530.123Z-2.pprof"), Some("threadcreate"));
         assert_eq!(kind_in_name("notes.txt"), None);
+        // A multi-byte character where the `T` would be, or inside the digits, is no stamp.
+        assert_eq!(kind_in_name("svc-9-cpu-20261127é1530.pprof"), None);
+        assert_eq!(kind_in_name("svc-9-cpu-2026112€T121530.pprof"), None);
+        assert_eq!(kind_in_name("svc-9-cpu-12345678ü"), None);
+        assert_eq!(kind_in_name("é-9-cpu-20261127T121530.123Z.pprof"), Some("cpu"));
     }
 
     #[test]
