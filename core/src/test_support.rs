@@ -81,6 +81,13 @@ impl ChildTest {
         self
     }
 
+    /// Adds an argument after the others, which may be any bytes (a libtest child reads its
+    /// arguments as UTF-8, so only a child with its own `main` takes one that is not).
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.command.arg(arg);
+        self
+    }
+
     /// Sets a variable in the child's environment.
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.command.env(key, value);

@@ -188,8 +188,13 @@ pub(super) fn route(target: &str, max: Duration, records_always: impl Fn(Profile
     match name {
         "" => return Action::Respond(index(max)),
         "cmdline" => {
-            let mut line = std::env::args().collect::<Vec<_>>().join("\0");
-            line.push('\0');
+            // As Go answers: each argument followed by a NUL. `args_os`, because `args` panics on
+            // an argument that is not UTF-8; such bytes are shown as U+FFFD.
+            let mut line = String::new();
+            for arg in std::env::args_os() {
+                line.push_str(&arg.to_string_lossy());
+                line.push('\0');
+            }
             return Action::Respond(Response::text(200, line));
         }
         "threads" => return Action::Pull(PullWhat::ThreadDump),

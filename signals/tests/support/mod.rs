@@ -44,6 +44,12 @@ impl Service {
         Service::start_child(ChildTest::program(program, &[]), ready, dir, env)
     }
 
+    /// Starts `child` (a [`ChildTest::new`] with more said about it, such as its arguments) as
+    /// the service, as [`Service::start`] does.
+    pub fn start_test(child: ChildTest, dir: &Path, env: &[(&str, &str)]) -> Service {
+        Service::start_child(child, READY, dir, env)
+    }
+
     fn start_child(child: ChildTest, ready: &str, dir: &Path, env: &[(&str, &str)]) -> Service {
         let mut child = child.env("ONSITE_DIR", dir).env("RUST_LOG", "info");
         for (k, v) in env {

@@ -1,0 +1,64 @@
+//! `/debug/pprof/cmdline` of a service started with an argument that is not UTF-8: the answer
+//! shows it (as U+FFFD) and the listener keeps answering. libtest reads its own arguments as
+//! UTF-8 and stops on such a one, so this test has its own `main`, which is the child too.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use onsite_core::test_support::ChildTest;
+use support::Service;
+
+const ROLE: &str = "child_cmdline_service";
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn main() {
+    if let Some(_onsite) = support::install_as_role(ROLE) {
+        support::announce_ready();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    a_non_utf8_argument_is_answered_and_the_listener_keeps_answering();
+}
+
+fn a_non_utf8_argument_is_answered_and_the_listener_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildTest::new(ROLE).arg(std::ffi::OsStr::from_bytes(b"bad-\xff-arg")).arg("last");
+    let mut service = Service::start_test(child, dir.path(), &[("ONSITE_HTTP", "127.0.0.1:0")]);
+    service.wait_for_log("serving http://", DEADLINE);
+    let log = service.log_text();
+    let at = log.find("serving http://").unwrap() + "serving http://".len();
+    let addr: SocketAddr = log[at..at + log[at..].find('/').unwrap()].parse().unwrap();
+
+    for _ in 0..2 {
+        let (status, body) = get(addr, "/debug/pprof/cmdline");
+        assert_eq!(status, 200, "{body}");
+        let args: Vec<&str> = body
+            .trim_end_matches('\n')
+            .strip_suffix('\0')
+            .unwrap_or_else(|| panic!("ends in NUL: {body:?}"))
+            .split('\0')
+            .collect();
+        assert_eq!(args[args.len() - 2..], ["bad-\u{fffd}-arg", "last"], "{body:?}");
+    }
+    let (status, index) = get(addr, "/debug/pprof/");
+    assert_eq!(status, 200, "{index}");
+    assert!(service.is_alive(), "the service runs on:\n{}", service.log_text());
+    assert!(!service.log_text().contains("panicked"), "{}", service.log_text());
+}
+
+/// `GET path`: the status and the body, read to the end (the server closes each connection).
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no header: {text:?}"));
+    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_owned())
+}
