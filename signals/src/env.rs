@@ -182,10 +182,11 @@ pub(crate) fn parse_signal(text: &str) -> Result<libc::c_int, String> {
             .and_then(|n| n.trim().parse::<libc::c_int>().ok())
             .ok_or_else(|| format!("expected RTMIN+N or RTMAX-N, with N a whole number, not {text:?}"))
     };
+    // An offset too large for a signal number is no signal; `i32::MAX` is outside the range below.
     let number = if let Some(rest) = name.strip_prefix("RTMIN") {
-        min + offset(rest, '+')?
+        min.checked_add(offset(rest, '+')?).unwrap_or(libc::c_int::MAX)
     } else if let Some(rest) = name.strip_prefix("RTMAX") {
-        max - offset(rest, '-')?
+        max.checked_sub(offset(rest, '-')?).unwrap_or(libc::c_int::MAX)
     } else if let Some(&(_, sig)) = NAMED_SIGNALS.iter().find(|(n, _)| *n == name) {
         sig
     } else if let Ok(number) = name.parse::<libc::c_int>() {
@@ -303,6 +304,10 @@ mod tests {
         assert_eq!(parse_signal("12"), Ok(libc::SIGUSR2));
         assert!(parse_signal("SIGTERM").unwrap_err().contains("not a signal onsite can use"));
         assert!(parse_signal("SIGSEGV").is_err());
+        // Offsets past what a signal number holds are refused, not an overflow.
+        assert!(parse_signal("SIGRTMIN+2147483647").unwrap_err().contains("not one onsite can use"));
+        assert!(parse_signal("SIGRTMAX-2147483647").is_err());
+        assert!(parse_signal("SIGRTMIN+-2147483648").is_err());
         assert!(parse_signal("9").unwrap_err().contains("signal 9"));
         assert!(parse_signal("SIGRTMIN+x").is_err());
         assert!(parse_signal("SIGRTMIN+99").is_err());
