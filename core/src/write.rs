@@ -5,7 +5,8 @@
 //! with `renameat2(RENAME_NOREPLACE)` (or `link` + `unlink` where the file system lacks it).
 //! Neither step follows a symlink or replaces an existing file, so a symlink planted at the
 //! final name is left alone and reported, and a reader never sees a half-written dump under its
-//! final name. On any failure the temporary file is removed and the error names the path.
+//! final name. On any failure the temporary file is removed (also when `fill` panics: a guard
+//! removes it while the panic unwinds) and the error names the path.
 
 use std::ffi::CString;
 use std::fmt;
@@ -69,22 +70,28 @@ pub fn write_new_file(
     }
 
     let (temp_path, file) = create_temp(dir, name.as_bytes()).map_err(err("creating a temporary file"))?;
-    let result = fill_and_sync(file, fill).map_err(err("writing")).and_then(|bytes| {
-        rename_no_replace(&temp_path, path).map_err(err("moving into place"))?;
-        Ok(bytes)
-    });
-    match result {
-        Ok(bytes) => {
-            // Make the rename itself durable; a failure here leaves a complete file, so it is
-            // only worth a debug line.
-            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-                tracing::debug!(dir = %dir.display(), error = %e, "could not fsync the dump directory");
-            }
-            Ok(WrittenFile { path: path.to_owned(), bytes })
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp_path);
-            Err(e)
+    let temp = RemovedUnlessMoved(temp_path);
+    let bytes = fill_and_sync(file, fill).map_err(err("writing"))?;
+    rename_no_replace(&temp.0, path).map_err(err("moving into place"))?;
+    std::mem::forget(temp);
+    // Make the rename itself durable; a failure here leaves a complete file, so it is only
+    // worth a debug line.
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), error = %e, "could not fsync the dump directory");
+    }
+    Ok(WrittenFile { path: path.to_owned(), bytes })
+}
+
+/// A temporary file not yet moved to its final name: removed when dropped, on an error's
+/// early return and while a panic in `fill` unwinds alike. Forgotten once the move is done.
+struct RemovedUnlessMoved(PathBuf);
+
+impl Drop for RemovedUnlessMoved {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.0.display(), error = %e, "onsite: could not remove a temporary file");
         }
     }
 }
@@ -162,7 +169,13 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
         Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
             std::fs::hard_link(from, to)
                 .map_err(|e| if e.kind() == io::ErrorKind::AlreadyExists { already_exists() } else { e })?;
-            std::fs::remove_file(from)
+            // The complete file is under its final name now, whatever happens to the
+            // temporary name: a failure to remove that is a leftover to report, not a failed
+            // write.
+            if let Err(e) = std::fs::remove_file(from) {
+                tracing::warn!(path = %from.display(), error = %e, "onsite: could not remove a temporary file");
+            }
+            Ok(())
         }
         _ => Err(e),
     }
@@ -233,6 +246,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("disk full, say"), "{err}");
+        assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+    }
+
+    /// A panicking encoder (the control thread catches it) leaves no temporary file either.
+    #[test]
+    fn a_fill_that_panics_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.pprof");
+        let panicked = std::panic::catch_unwind(|| {
+            let _ = write_new_file(&path, |w| {
+                w.write_all(b"partial")?;
+                w.flush()?;
+                panic!("an encoder's bug");
+            });
+        });
+        assert!(panicked.is_err());
         assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
     }
 
