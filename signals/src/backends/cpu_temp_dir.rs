@@ -8,8 +8,11 @@
 //!
 //! So before a CPU capture starts, [`UsableTempDir`] checks that the system's temporary directory
 //! takes a file. Only if it does not, it points tempfile's default at a private directory in the
-//! dump directory, `.onsite-{pid}.tmp` (mode 0700, created exclusively; an existing entry of that
-//! name is never used), which `ONSITE_DIR` already has to make writable. The side effect, logged
+//! dump directory, `.onsite-{pid}.tmp` (mode 0700, created exclusively), which `ONSITE_DIR`
+//! already has to make writable. An entry of that name already there is used only if it is a
+//! directory (not a symlink to one) owned by this user with mode 0700: what a killed run with
+//! the same pid leaves (a container restarted as pid 1, say), which would otherwise make every
+//! CPU capture fail until someone removed it. Anything else there is left alone and reported. The side effect, logged
 //! when it happens: the service's own `tempfile` files without an explicit directory go there too
 //! for the rest of the process (they could not be created in the unusable one anyway).
 //!
@@ -44,7 +47,7 @@ impl<P: Profiler> UsableTempDir<P> {
         let current = tempfile::env::temp_dir();
         let Err(cause) = tempfile::NamedTempFile::new_in(&current) else { return };
         let private = dump_dir.join(format!(".onsite-{}.tmp", std::process::id()));
-        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&private) {
+        if let Err(e) = create_private_dir(&private) {
             tracing::warn!(temp_dir = %current.display(), error = %cause, dir = %private.display(), create_error = %e,
                 "onsite: the temporary directory is not writable and no private one could be made in the dump directory; CPU captures will fail");
             return;
@@ -61,6 +64,29 @@ impl<P: Profiler> UsableTempDir<P> {
                     "onsite: tempfile's directory was already set by the process and is not writable; CPU captures will fail");
             }
         }
+    }
+}
+
+/// Creates `path` as a private directory, or takes over one a run with this pid left there
+/// (a directory, not a symlink, owned by this user, mode 0700); anything else is an error.
+fn create_private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let there = std::fs::symlink_metadata(path)?;
+            // SAFETY: geteuid has no preconditions.
+            let uid = unsafe { libc::geteuid() };
+            if there.file_type().is_dir() && there.uid() == uid && there.mode() & 0o777 == 0o700 {
+                tracing::info!(dir = %path.display(), "onsite: reusing the private temporary directory an earlier run with this pid left");
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "something else is already there (not a private directory of this user); it was not touched",
+                ))
+            }
+        }
+        other => other,
     }
 }
 
@@ -130,5 +156,36 @@ impl Stopper for NotingSpillFiles {
         noted.retain(|f| f.exists());
         noted.extend(made);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_private_directory_left_by_a_run_with_this_pid_is_taken_over_and_nothing_else_is() {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join(".onsite-1.tmp");
+        create_private_dir(&path).expect("a fresh one");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o700);
+        // What a killed run with the same pid (a restarted container's pid 1) leaves.
+        create_private_dir(&path).expect("the leftover is taken over");
+
+        let open = parent.path().join(".onsite-2.tmp");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(create_private_dir(&open).is_err(), "a directory others can read is not private");
+
+        let planted = parent.path().join(".onsite-3.tmp");
+        std::os::unix::fs::symlink(&path, &planted).unwrap();
+        let err = create_private_dir(&planted).unwrap_err();
+        assert!(err.to_string().contains("not touched"), "{err}");
+        assert!(std::fs::symlink_metadata(&planted).unwrap().file_type().is_symlink(), "left alone");
+
+        let file = parent.path().join(".onsite-4.tmp");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(create_private_dir(&file).is_err(), "a file is not a directory");
     }
 }
