@@ -220,7 +220,7 @@ impl Controller {
         // thread in /proc even where thread names are not kept.)
         tracing::debug!(tid = unsafe { libc::gettid() }, "onsite: control thread running");
         // Dumps of earlier runs count against the limits too; a restart is when they pile up.
-        retention::enforce(&self.setup.dir, self.setup.retention, None);
+        retention::enforce(&self.setup.dir, self.setup.retention, &[]);
         self.recorders = self.setup.backends.start_recorders();
         loop {
             let now = Instant::now();
@@ -594,7 +594,10 @@ impl Controller {
             let answer = body_of(&profiles, pull.kind, &failures);
             (pull.reply)(answer);
         }
-        retention::enforce(&self.setup.dir, self.setup.retention, Some(capture.output.stamp().as_str()));
+        let keep: Vec<&str> = std::iter::once(capture.output.stamp().as_str())
+            .chain(self.captures.iter().map(|c| c.output.stamp().as_str()))
+            .collect();
+        retention::enforce(&self.setup.dir, self.setup.retention, &keep);
         // Nothing of the captures' symbolisation (mapped files, parsed DWARF) stays in the
         // service's memory after the last one.
         if self.captures.is_empty() {
@@ -658,7 +661,10 @@ impl Controller {
         if self.captures.is_empty() {
             onsite_core::symbols::release_shared();
         }
-        retention::enforce(dir, self.setup.retention, Some(output.stamp().as_str()));
+        let keep: Vec<&str> = std::iter::once(output.stamp().as_str())
+            .chain(self.captures.iter().map(|c| c.output.stamp().as_str()))
+            .collect();
+        retention::enforce(dir, self.setup.retention, &keep);
         result
     }
 

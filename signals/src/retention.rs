@@ -9,6 +9,17 @@
 //! - it belongs to this process's user.
 //!
 //! Files sharing pid and timestamp are one capture and go together.
+//!
+//! What is never removed, whatever the limits say:
+//! - the newest capture, and every capture of this process still running or just written (a
+//!   capture's `cpu-before` file is written at its start, and a pull's passes must not take it);
+//! - the captures of another process of the same command that is still alive (two instances
+//!   sharing a dump directory would otherwise remove each other's files as they are written);
+//!   they do not count against this process's limits either, so each live instance keeps its
+//!   own N captures and M bytes. Alive means `kill(pid, 0)` finds it. A dead instance's pid reused by another process keeps
+//!   that instance's files a while longer, which errs on the side of keeping; an instance in
+//!   another pid namespace sharing the directory looks dead, and only a directory per instance
+//!   (`ONSITE_DIR`) keeps its files apart.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -96,23 +107,28 @@ pub(crate) struct Removed {
 }
 
 /// Removes the oldest captures of `dir`'s command until both limits hold. The newest capture
-/// is never removed, nor the capture stamped `keep` (the one just written).
-pub(crate) fn enforce(dir: &DumpDir, limits: Settings, keep: Option<&str>) -> Removed {
+/// is never removed, nor this process's captures stamped as in `keep` (the one just written,
+/// those still running), nor another live process's (see the module docs).
+pub(crate) fn enforce(dir: &DumpDir, limits: Settings, keep: &[&str]) -> Removed {
     let mut removed = Removed::default();
     if limits.max_captures.is_none() && limits.max_bytes.is_none() {
         return removed;
     }
-    let groups = own_captures(dir.dir(), dir.command());
+    let this_process = std::process::id();
+    let mut groups = own_captures(dir.dir(), dir.command());
+    // Another live instance's captures are its own to keep, and not counted against this one's
+    // limits: each instance keeps its own N captures.
+    groups.retain(|(_, _, (pid, _)), _| *pid == this_process || !is_alive(*pid));
     let mut count = groups.len();
     let mut total: u64 = groups.values().map(|g| g.bytes).sum();
     let over = |count: usize, total: u64| {
         limits.max_captures.is_some_and(|n| count > n) || limits.max_bytes.is_some_and(|m| total > m)
     };
-    for ((_, _, (_, stamp)), group) in groups.iter().take(groups.len().saturating_sub(1)) {
+    for ((_, _, (pid, stamp)), group) in groups.iter().take(groups.len().saturating_sub(1)) {
         if !over(count, total) {
             break;
         }
-        if keep == Some(stamp.as_str()) {
+        if *pid == this_process && keep.contains(&stamp.as_str()) {
             continue;
         }
         for (path, bytes) in &group.files {
@@ -144,6 +160,16 @@ pub(crate) fn enforce(dir: &DumpDir, limits: Settings, keep: Option<&str>) -> Re
         );
     }
     removed
+}
+
+/// Whether a process `pid` exists (`kill(pid, 0)`: `EPERM` means it exists as another user's).
+fn is_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 /// onsite's own files in `dir`, grouped by capture, oldest first. The key sorts by time:
@@ -235,8 +261,17 @@ mod tests {
         std::fs::write(path, vec![b'x'; bytes]).unwrap();
     }
 
+    /// The pid of a process that has ended (an earlier run's, as far as retention can tell).
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
     /// The byte limit removes oldest captures (all their files) until the rest fit, across
-    /// earlier pids of the same command, and keeps the capture just written.
+    /// earlier pids of the same command, and keeps the capture just written and those of
+    /// another instance still running.
     #[test]
     fn the_byte_limit_removes_whole_captures_oldest_first() {
         let tmp = tempfile::tempdir().unwrap();
@@ -244,32 +279,45 @@ mod tests {
         let name = |pid: u32, kind: &str, stamp: &str, ext: &str| {
             tmp.path().join(format!("{}-{pid}-{kind}-{stamp}.{ext}", dir.command()))
         };
+        let (earlier, this) = (dead_pid(), std::process::id());
+        // Another instance of the same command, alive, with the oldest capture of all.
+        let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        write(&name(other.id(), "cpu", "20240101T000000.000Z", "pprof"), 100);
         let stamps = ["20250101T000000.000Z", "20250101T000000.000Z-1", "20250101T000000.001Z", "20260101T000000.000Z"];
         for (i, stamp) in stamps.iter().enumerate() {
-            let pid = if i < 2 { 7 } else { 8 }; // an earlier run, then this one
+            let pid = if i < 2 { earlier } else { this };
             write(&name(pid, "cpu", stamp, "pprof"), 100);
             write(&name(pid, "manifest", stamp, "json"), 10);
         }
         let limits = Settings { max_captures: None, max_bytes: Some(250) };
-        let removed = enforce(&dir, limits, Some(stamps[0]));
-        // 440 bytes in 4 captures of 110: two must go. The oldest is protected as `keep`, so
-        // the next two oldest go instead.
+        let removed = enforce(&dir, limits, &[stamps[2]]);
+        // 4 captures of 110 count (the live instance's is neither counted nor removed): 440
+        // bytes, two must go, the third is protected as `keep`, so the two oldest go (the
+        // earlier run's).
         assert_eq!(removed.captures, 2);
         assert_eq!(removed.bytes, 220);
         let mut left: Vec<String> =
             std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        assert_eq!(left.len(), 4, "{left:?}");
-        assert!(left.iter().all(|n| n.contains(stamps[0]) && !n.contains("-1.") || n.contains(stamps[3])), "{left:?}");
+        assert_eq!(left.len(), 5, "{left:?}");
+        assert!(name(other.id(), "cpu", "20240101T000000.000Z", "pprof").exists(), "{left:?}");
+        assert!(left.iter().all(|n| !n.contains(&format!("-{earlier}-"))), "{left:?}");
+        // Once that instance has ended, its capture is an earlier run's like any other: 320
+        // bytes over 250, and it is the oldest.
+        other.kill().unwrap();
+        other.wait().unwrap();
+        let removed = enforce(&dir, limits, &[]);
+        assert_eq!(removed.captures, 1, "the ended instance's capture, the oldest");
+        assert!(!name(other.id(), "cpu", "20240101T000000.000Z", "pprof").exists());
         // Unlimited removes nothing.
-        let none = enforce(&dir, Settings { max_captures: None, max_bytes: None }, None);
+        let none = enforce(&dir, Settings { max_captures: None, max_bytes: None }, &[]);
         assert_eq!(none, Removed::default());
         // The newest capture stays even when it alone is over the byte limit.
-        let removed = enforce(&dir, Settings { max_captures: None, max_bytes: Some(1) }, None);
+        let removed = enforce(&dir, Settings { max_captures: None, max_bytes: Some(1) }, &[]);
         assert_eq!(removed.captures, 1);
         let left = std::fs::read_dir(tmp.path()).unwrap().count();
         assert_eq!(left, 2);
-        assert!(name(8, "cpu", stamps[3], "pprof").exists());
+        assert!(name(this, "cpu", stamps[3], "pprof").exists());
     }
 
     #[test]

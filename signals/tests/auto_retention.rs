@@ -34,11 +34,20 @@ fn retention_removes_only_onsites_own_oldest_captures() {
     let d = dir.path();
     let cmd = command_name();
     let old = "20200101T000000.000Z";
-    // An earlier run's capture of this same service: onsite's own, and the oldest.
-    let earlier_run = [format!("{cmd}-1-cpu-{old}.pprof"), format!("{cmd}-1-manifest-{old}.json")];
+    // An earlier run's capture of this same service (its process has ended): onsite's own,
+    // and the oldest.
+    let mut ended = std::process::Command::new("true").spawn().unwrap();
+    let earlier = ended.id();
+    ended.wait().unwrap();
+    let earlier_run = [format!("{cmd}-{earlier}-cpu-{old}.pprof"), format!("{cmd}-{earlier}-manifest-{old}.json")];
     for name in &earlier_run {
         std::fs::write(d.join(name), "earlier run").unwrap();
     }
+    // Another instance of the same service, still running, sharing the directory: its capture
+    // is older still, and not this instance's to remove.
+    let mut other = std::process::Command::new("sleep").arg("120").spawn().unwrap();
+    let other_instance = format!("{cmd}-{}-cpu-20190101T000000.000Z.pprof", other.id());
+    std::fs::write(d.join(&other_instance), "another instance").unwrap();
     // Look-alikes onsite did not write, all older than anything it will write.
     let precious = outside.path().join("precious");
     std::fs::write(&precious, "keep me").unwrap();
@@ -93,6 +102,9 @@ fn retention_removes_only_onsites_own_oldest_captures() {
         assert!(left.contains(kept), "{kept}: {left:?}");
         assert!(left.contains(&kept.replace("-cpu-", "-manifest-").replace(".pprof", ".json")), "{left:?}");
     }
+    assert!(left.contains(&other_instance), "a live instance's capture stays: {left:?}");
+    other.kill().unwrap();
+    other.wait().unwrap();
     // Nothing onsite did not write was touched.
     for name in &look_alikes {
         assert_eq!(std::fs::read_to_string(d.join(name)).unwrap(), "not onsite's", "{name}");
