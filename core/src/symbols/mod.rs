@@ -24,7 +24,7 @@ mod symbolizer;
 use std::cell::Cell;
 use std::time::Instant;
 
-pub use maps::{Mappings, ObjectMapping};
+pub use maps::{MappedFile, Mappings, ObjectMapping};
 pub use symbolizer::{Resolved, Symbolizer, release_shared, with_shared};
 
 /// The address to resolve for a stack entry: stack walkers give return addresses, which point
