@@ -324,6 +324,12 @@ impl Controller {
         }
     }
 
+    /// What retention must keep after `just_written`: it, and every capture still running
+    /// (an operator capture's `cpu-before` file is written at its start).
+    fn stamps_to_keep<'a>(&'a self, just_written: &'a CaptureStamp) -> Vec<&'a str> {
+        std::iter::once(just_written.as_str()).chain(self.captures.iter().map(|c| c.output.stamp().as_str())).collect()
+    }
+
     /// The index of the operator capture (signal, API or rule), if one runs.
     fn operator_capture(&self) -> Option<usize> {
         self.captures.iter().position(|c| c.pull.is_none())
@@ -594,10 +600,7 @@ impl Controller {
             let answer = body_of(&profiles, pull.kind, &failures);
             (pull.reply)(answer);
         }
-        let keep: Vec<&str> = std::iter::once(capture.output.stamp().as_str())
-            .chain(self.captures.iter().map(|c| c.output.stamp().as_str()))
-            .collect();
-        retention::enforce(&self.setup.dir, self.setup.retention, &keep);
+        retention::enforce(&self.setup.dir, self.setup.retention, &self.stamps_to_keep(capture.output.stamp()));
         // Nothing of the captures' symbolisation (mapped files, parsed DWARF) stays in the
         // service's memory after the last one.
         if self.captures.is_empty() {
@@ -661,10 +664,7 @@ impl Controller {
         if self.captures.is_empty() {
             onsite_core::symbols::release_shared();
         }
-        let keep: Vec<&str> = std::iter::once(output.stamp().as_str())
-            .chain(self.captures.iter().map(|c| c.output.stamp().as_str()))
-            .collect();
-        retention::enforce(dir, self.setup.retention, &keep);
+        retention::enforce(dir, self.setup.retention, &self.stamps_to_keep(output.stamp()));
         result
     }
 
