@@ -19,6 +19,7 @@
 //! Nothing here starts threads or installs handlers; that is the `onsite` crate's job (only
 //! `test_support`, in tests, starts child processes and threads reading their output).
 
+mod deadline;
 mod kind;
 mod naming;
 pub mod own_work;
@@ -33,6 +34,7 @@ pub mod test_support;
 pub mod thread_events;
 mod write;
 
+pub use deadline::{LONGEST_DURATION, instant_after};
 pub use kind::{ProfileKind, UnknownKind};
 pub use naming::{CaptureStamp, ConfigError, DumpDir, format_utc_millis};
 pub use profiler::{CaptureError, CaptureOutput, NoopStopper, Profiler, Stopper};

@@ -2,7 +2,7 @@
 //! [`Reader`] decides what a rejected value does to the installation.
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use onsite_core::ConfigError;
 
@@ -89,16 +89,9 @@ pub(crate) fn parsed<T>(name: &str, parse: impl Fn(&str) -> Result<T, String>) -
     }
 }
 
-/// The longest duration any `ONSITE_*` setting or `ONSITE_AUTO` rule takes: a year. No capture,
-/// budget, interval or cooldown needs more, and a ceiling this far below `Duration::MAX` keeps
-/// every "now plus this" onsite computes representable.
-pub(crate) const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// `now + after`, or (for a duration no clock can add, which only a builder setting can give)
-/// `now + LONGEST`: as good as never for a capture, a budget or a cooldown, and never a panic.
-pub(crate) fn instant_after(now: Instant, after: Duration) -> Instant {
-    now.checked_add(after).or_else(|| now.checked_add(LONGEST)).unwrap_or(now)
-}
+/// The longest duration any `ONSITE_*` setting or `ONSITE_AUTO` rule takes (a year), and the
+/// "now plus a duration" that never overflows, both shared with the backends.
+pub(crate) use onsite_core::{LONGEST_DURATION as LONGEST, instant_after};
 
 /// A duration as a person types it: `90s`, `10m`, `1h`, `250ms`, or a combination like `1m30s`.
 /// A bare number is refused: its unit would be a guess. Longer than [`LONGEST`] is refused too.
@@ -273,13 +266,6 @@ mod tests {
         // Too big for an f64: infinity, which is no more a duration than the rest.
         assert!(too_long(&format!("{}h", "9".repeat(400))));
         assert!(parse_duration("1.2.3s").is_err());
-    }
-
-    #[test]
-    fn instants_after_never_overflow() {
-        let now = Instant::now();
-        assert_eq!(instant_after(now, Duration::from_secs(3)), now + Duration::from_secs(3));
-        assert_eq!(instant_after(now, Duration::MAX), now + LONGEST);
     }
 
     #[test]

@@ -529,10 +529,7 @@ pub fn dump_all_threads_with_signal(
     let _one_at_a_time = OneDumpAtATime::take();
     let started = Instant::now();
     // A deadline no clock can add (`Duration::MAX` from a builder) waits a year instead of panicking.
-    let end = started
-        .checked_add(deadline)
-        .or_else(|| started.checked_add(Duration::from_secs(365 * 24 * 3600)))
-        .unwrap_or(started);
+    let end = onsite_core::instant_after(started, deadline);
     let me = gettid();
     let tids: Vec<i32> = crate::profile::task_ids().into_iter().filter(|&t| t != me).collect();
 
