@@ -2,7 +2,7 @@
 //! [`Sampler`] is dropped, so that a capture's heap profile says what holds the memory *now*,
 //! however long ago it was allocated (Go's heap profile).
 //!
-//! - **Running**: the `MODE` word is one sampled generation for the sampler's whole life, so
+//! - **Running**: the mode word is one sampled generation for the sampler's whole life, so
 //!   per-thread budgets carry on across captures and nothing is reset at a capture's start;
 //!   the tables, the walker and the sampling paths are exactly the sampled capture's.
 //! - **A capture** ([`WindowStopper`]) changes no mode: it snapshots the per-stack counters at
@@ -13,7 +13,7 @@
 //! - **Frees are never missed**: a sampled block freed while no sampling path looked would stay
 //!   in the live table for good, and be reported in use for ever. So nothing may move the mode
 //!   away from the sampled generation while the sampler lives: a dhat capture refuses to start
-//!   (`claim_and_probe` finds the mode taken), and only the sampler's drop ends it.
+//!   (`registry::claim_and_probe` finds the mode taken), and only the sampler's drop ends it.
 //! - **Bounded**: the tables are fixed statics (`sampled::table_limits`); when the stack table
 //!   is full, a new stack's samples are still counted and tracked under one named pseudo-frame,
 //!   and a sample the live table cannot hold is counted under another (alloc only).

@@ -121,22 +121,25 @@ impl Default for MemoryProfiler {
 /// Claims the allocator for a capture or for always-on sampling (the mode is `PROBE` after)
 /// and returns the inner allocator the probe found under it, or says why it cannot.
 fn claim() -> Result<&'static crate::Inner, CaptureError> {
-    let reason = match crate::claim_and_probe() {
+    use crate::registry::{Unclaimed, claim_and_probe, current_mode};
+    let reason = match claim_and_probe() {
         Ok(inner) => return Ok(inner),
-        Err(true) if crate::MODE.load(std::sync::atomic::Ordering::SeqCst) == crate::mode::FORKED => {
+        Err(Unclaimed::Taken) if current_mode() == crate::mode::FORKED => {
             "this process was forked while its parent captured memory: memory captures are off in it"
         }
-        Err(true)
-            if crate::mode::of(crate::MODE.load(std::sync::atomic::Ordering::SeqCst)) == crate::mode::SAMPLED
-                && always_on::running() =>
-        {
+        Err(Unclaimed::Taken) if crate::mode::of(current_mode()) == crate::mode::SAMPLED && always_on::running() => {
             "always-on sampling runs in this process: its profiler takes the memory captures, and no other mode \
              can start (the sampler must see every free)"
         }
-        Err(true) => "a memory capture is already running",
-        Err(false) => {
+        Err(Unclaimed::Taken) => "a memory capture is already running",
+        Err(Unclaimed::NotGlobal { full: false }) => {
             "onsite's allocator is not this program's global allocator: install \
              onsite::memory::Allocator as #[global_allocator] to capture memory"
+        }
+        Err(Unclaimed::NotGlobal { full: true }) => {
+            "onsite's allocator is not this program's global allocator, or it was called first after more \
+             other onsite::memory::Allocator instances than it can tell apart: install onsite::memory::Allocator \
+             as #[global_allocator], and call no other instance directly, to capture memory"
         }
     };
     Err(CaptureError::new(ProfileKind::Memory, reason))
@@ -155,7 +158,7 @@ impl Profiler for MemoryProfiler {
         // The mode is PROBE here and this capture owns it.
         Ok(match self.mode {
             MemoryMode::Dhat if !inner.is_system() => {
-                crate::release_claim();
+                crate::registry::release_claim();
                 return Err(dhat_needs_system(inner.name()));
             }
             MemoryMode::Dhat => Box::new(dhat_mode::start()),

@@ -23,7 +23,8 @@ use std::time::{Instant, SystemTime};
 
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, Stopper};
 
-use crate::{MODE, heap_pprof, in_flight, mode};
+use crate::registry::mode_word;
+use crate::{heap_pprof, in_flight, mode};
 
 /// Frames dhat keeps per stack. dhat's default (10) often ends inside `Vec`'s growth code in a
 /// debug build, before the service's own function.
@@ -48,7 +49,7 @@ pub(crate) fn start() -> DhatStopper {
         clock: Instant::now(),
         fork: crate::ForkGuard::new(),
     };
-    MODE.store(mode::DHAT, std::sync::atomic::Ordering::SeqCst);
+    mode_word().store(mode::DHAT, std::sync::atomic::Ordering::SeqCst);
     stopper
 }
 
@@ -56,7 +57,7 @@ impl DhatStopper {
     /// Ends the capture and returns dhat's JSON report; the mode is `OFF` afterwards.
     fn finish(&mut self) -> String {
         use std::sync::atomic::Ordering;
-        MODE.store(mode::DRAINING, Ordering::SeqCst);
+        mode_word().store(mode::DRAINING, Ordering::SeqCst);
         in_flight::wait_until_none();
         let report = match self.profiler.take() {
             Some(mut profiler) => {
@@ -68,7 +69,7 @@ impl DhatStopper {
             }
             None => String::new(),
         };
-        MODE.store(mode::OFF, Ordering::SeqCst);
+        mode_word().store(mode::OFF, Ordering::SeqCst);
         report
     }
 }

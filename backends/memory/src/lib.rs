@@ -33,29 +33,20 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::any::TypeId;
-use std::cell::Cell;
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 mod always_on;
 mod capture;
 mod dhat_mode;
 mod heap_pprof;
+mod registry;
 mod sampled;
 mod stack_walk;
 
 pub use capture::{DEFAULT_SAMPLE_BYTES, MemoryMode, MemoryProfiler, UnknownMode};
 
-/// What the allocator does with each call; changed only by the control thread. The low byte is
-/// one of the [`mode`] constants; during a sampled capture the upper 24 bits hold the capture's
-/// generation (see `sampled`), so the sampled fast path learns both from this one load. `OFF`
-/// is the whole word 0.
-///
-/// Every allocator call of every thread reads this word, so it has a cache line to itself:
-/// a counter written beside it (an `in_flight` count at each sample) would make all the other cores
-/// miss on their next call.
-static MODE: CacheLine<AtomicU32> = CacheLine(AtomicU32::new(mode::OFF));
-
 /// A value alone in its (pair of adjacent) cache line(s): x86 prefetches lines in pairs.
+#[derive(Debug)]
 #[repr(align(128))]
 struct CacheLine<T>(T);
 
@@ -65,19 +56,6 @@ impl<T> std::ops::Deref for CacheLine<T> {
     fn deref(&self) -> &T {
         &self.0
     }
-}
-
-/// Set by the probe's own allocation when it comes through [`Allocator`] (while [`MODE`] is
-/// `PROBE`): proof that an `Allocator` is the process's global allocator, and which inner
-/// allocator it hands calls to. Null until then.
-static PROBE_SEEN: AtomicPtr<Inner> = AtomicPtr::new(std::ptr::null_mut());
-
-thread_local! {
-    /// Set on the thread running the probe, around its one allocation, so only that allocation
-    /// answers it (not an `Allocator` another thread calls directly rather than as the global
-    /// allocator). Const-initialised, no destructor: readable from the allocator at any point of
-    /// a thread's life.
-    static PROBING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The inner allocator of an [`Allocator`], as the probe reports it. One per inner type, in
@@ -108,7 +86,7 @@ fn is_system<A: 'static>() -> bool {
 }
 
 /// Calls into `dhat::Alloc` (or into the sampler's tables) that have started and not finished.
-/// A stop switches [`MODE`] away and then waits until none is left, so nothing touches the
+/// A stop switches the mode away and then waits until none is left, so nothing touches the
 /// capture's state after the stop took it (see `dhat_mode` and `sampled`).
 ///
 /// Counted in stripes, one cache line each, a thread always in the same stripe: a sampled
@@ -118,7 +96,7 @@ mod in_flight {
     use std::cell::Cell;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::{CacheLine, MODE};
+    use super::{CacheLine, registry};
 
     const STRIPES: usize = 16;
     static COUNTS: [CacheLine<AtomicUsize>; STRIPES] = [const { CacheLine(AtomicUsize::new(0)) }; STRIPES];
@@ -139,7 +117,7 @@ mod in_flight {
         }
     }
 
-    /// Counts this call and checks that the `MODE` word still satisfies `wanted`; `None` (not
+    /// Counts this call and checks that the global allocator's mode word still satisfies `wanted`; `None` (not
     /// counted) if not, and the caller stays away from the capture's state. The SeqCst
     /// increment-then-check pairs with the stop's SeqCst store-then-wait: either the stop sees
     /// this call counted and waits for it, or this call sees the new mode.
@@ -148,7 +126,7 @@ mod in_flight {
         let stripe = thread_number() % STRIPES;
         COUNTS[stripe].fetch_add(1, Ordering::SeqCst);
         let entered = Entered(stripe);
-        wanted(MODE.load(Ordering::SeqCst)).then_some(entered)
+        wanted(registry::mode_word().load(Ordering::SeqCst)).then_some(entered)
     }
 
     /// Waits until every call counted before this one started has finished. Those calls only
@@ -204,8 +182,11 @@ mod mode {
     /// This process is a fork's child, and the parent was capturing at the fork: the inner allocator for
     /// everything, for good (see `fork`).
     pub(crate) const FORKED: u32 = 5;
+    /// An [`super::Allocator`] that has never been called: its first call registers it (see
+    /// `registry`) and moves it to `OFF`.
+    pub(crate) const UNREGISTERED: u32 = 6;
 
-    /// The mode part of a [`super::MODE`] word.
+    /// The mode part of a mode word.
     #[inline(always)]
     pub(crate) const fn of(word: u32) -> u32 {
         word & 0xff
@@ -221,16 +202,33 @@ mod mode {
 /// Every call reaches the inner allocator's own method (`alloc`, `alloc_zeroed`, `realloc`,
 /// `dealloc`) with the caller's pointer and layout unchanged, in every mode but a dhat capture
 /// (which only runs over `System`, where dhat allocates from).
-#[derive(Debug, Default, Clone, Copy)]
+///
+/// It must sit in a `static` (as `#[global_allocator]` requires anyway): it carries the mode
+/// word every call reads, in a cache line of its own, which a capture finds and changes there.
+/// An `Allocator` anywhere else, called directly, only ever hands calls to its inner allocator.
+#[derive(Debug)]
 pub struct Allocator<A: GlobalAlloc = System> {
+    /// What this allocator does with each call; changed only by the control thread, and only
+    /// in the global allocator's (see `registry`). The low byte is one of the [`mode`]
+    /// constants; during a sampled capture the upper 24 bits hold the capture's generation (see
+    /// `sampled`), so the sampled fast path learns both from this one load. `OFF` is the whole
+    /// word 0. Alone in its cache line: every allocator call of every thread reads it, and a
+    /// counter written beside it would make all the other cores miss on their next call.
+    mode: CacheLine<AtomicU32>,
     inner: A,
+}
+
+impl<A: GlobalAlloc + Default> Default for Allocator<A> {
+    fn default() -> Self {
+        Allocator::wrapping(A::default())
+    }
 }
 
 impl Allocator<System> {
     /// The allocator over `System`, for
     /// `#[global_allocator] static ALLOC: Allocator = Allocator::new();`.
     pub const fn new() -> Self {
-        Allocator { inner: System }
+        Allocator::wrapping(System)
     }
 }
 
@@ -240,7 +238,7 @@ impl<A: GlobalAlloc> Allocator<A> {
     /// Sampled captures work over any inner allocator; dhat captures refuse to start unless it
     /// is `System`.
     pub const fn wrapping(inner: A) -> Self {
-        Allocator { inner }
+        Allocator { mode: CacheLine(AtomicU32::new(mode::UNREGISTERED)), inner }
     }
 
     /// The inner allocator (for its own statistics, say).
@@ -268,7 +266,7 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 // `routed`'s arguments are in place before it, on the off path too: they are what
 // `__rust_alloc`/`__rust_dealloc`/`__rust_realloc` receive, in their order (the layout as size
 // then alignment, where a `Layout` argument would come the other way round), with the mode word
-// and the inner allocator after them, so that no register has to move.
+// and the allocator after them, so that no register has to move.
 //
 // Go's shape, a thread-local countdown on every allocation in every mode (the off mode's
 // budget only a re-check interval, so a sampled allocation costs what an off one does), made
@@ -284,56 +282,56 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let word = MODE.load(Ordering::Relaxed);
+        let word = self.mode.load(Ordering::Relaxed);
         if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { self.inner.alloc(layout) };
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, false>(layout.size(), layout.align(), word, &self.inner) }
+        unsafe { routed::alloc::<A, false>(layout.size(), layout.align(), word, self) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let word = MODE.load(Ordering::Relaxed);
+        let word = self.mode.load(Ordering::Relaxed);
         if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { self.inner.alloc_zeroed(layout) };
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, true>(layout.size(), layout.align(), word, &self.inner) }
+        unsafe { routed::alloc::<A, true>(layout.size(), layout.align(), word, self) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let word = MODE.load(Ordering::Relaxed);
+        let word = self.mode.load(Ordering::Relaxed);
         if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { self.inner.dealloc(ptr, layout) };
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::dealloc(ptr, layout.size(), layout.align(), word, &self.inner) }
+        unsafe { routed::dealloc(ptr, layout.size(), layout.align(), word, self) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let word = MODE.load(Ordering::Relaxed);
+        let word = self.mode.load(Ordering::Relaxed);
         if word == mode::OFF {
             // SAFETY: forwarded as received.
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::realloc(ptr, layout.size(), layout.align(), new_size, word, &self.inner) }
+        unsafe { routed::realloc(ptr, layout.size(), layout.align(), new_size, word, self) }
     }
 }
 
-/// The paths taken while a capture runs (or starts, or stops). `word` is the [`MODE`] word the
-/// caller read; a stale one is handled like any call racing a mode change. `inner` is the
-/// calling [`Allocator`]'s inner allocator.
+/// The paths taken while a capture runs (or starts, or stops), and an allocator's first call.
+/// `word` is the mode word the caller read; a stale one is handled like any call racing a mode
+/// change. `allocator` is the calling [`Allocator`].
 mod routed {
     use super::*;
     use onsite_core::own_work;
@@ -352,11 +350,14 @@ mod routed {
         unsafe { if zeroed { inner.alloc_zeroed(layout) } else { inner.alloc(layout) } }
     }
 
-    /// Answers the probe if this is its allocation (see [`PROBING`]).
+    /// What a call in a mode other than sampled or dhat does before it goes to the inner
+    /// allocator: answer the probe, or register the allocator at its first call.
     #[inline(always)]
-    fn answer_probe<A: GlobalAlloc + 'static>() {
-        if PROBING.with(Cell::get) {
-            PROBE_SEEN.store(std::ptr::from_ref(Allocator::<A>::INNER).cast_mut(), Ordering::Relaxed);
+    fn answer_or_register<A: GlobalAlloc + 'static>(word: u32, allocator: &Allocator<A>) {
+        if word == mode::PROBE {
+            registry::answer_probe::<A>(&allocator.mode);
+        } else if word == mode::UNREGISTERED {
+            registry::register(&allocator.mode);
         }
     }
 
@@ -367,22 +368,29 @@ mod routed {
         size: usize,
         align: usize,
         word: u32,
-        inner: &A,
+        allocator: &Allocator<A>,
     ) -> *mut u8 {
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
-            return unsafe { inner_alloc(inner, layout, ZEROED) };
+            return unsafe { inner_alloc(&allocator.inner, layout, ZEROED) };
         }
         // SAFETY: forwarded as received.
-        unsafe { alloc_other(inner, word, layout, ZEROED) }
+        unsafe { alloc_other(allocator, word, layout, ZEROED) }
     }
 
-    /// Everything but the sampled common case: a maybe-sampled allocation, dhat, the probe.
+    /// Everything but the sampled common case: a maybe-sampled allocation, dhat, the probe,
+    /// a first call.
     #[cold]
     #[inline(never)]
-    unsafe fn alloc_other<A: GlobalAlloc + 'static>(inner: &A, word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
+    unsafe fn alloc_other<A: GlobalAlloc + 'static>(
+        allocator: &Allocator<A>,
+        word: u32,
+        layout: Layout,
+        zeroed: bool,
+    ) -> *mut u8 {
+        let inner = &allocator.inner;
         match mode::of(word) {
             // SAFETY: forwarded as received.
             mode::SAMPLED => unsafe { sampled::alloc_past_budget(inner, word, layout, zeroed) },
@@ -399,10 +407,8 @@ mod routed {
                 // SAFETY: forwarded as received; dhat allocates from `System`, the inner one.
                 unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } }
             }
-            mode => {
-                if mode == mode::PROBE {
-                    answer_probe::<A>();
-                }
+            _ => {
+                answer_or_register(word, allocator);
                 // SAFETY: forwarded as received.
                 unsafe { inner_alloc(inner, layout, zeroed) }
             }
@@ -416,34 +422,40 @@ mod routed {
         size: usize,
         align: usize,
         word: u32,
-        inner: &A,
+        allocator: &Allocator<A>,
     ) {
         if mode::of(word) == mode::SAMPLED {
             if sampled::may_be_sampled(ptr) {
                 // SAFETY: forwarded as received.
-                return unsafe { dealloc_maybe_sampled(ptr, size, align, inner) };
+                return unsafe { dealloc_maybe_sampled(ptr, size, align, allocator) };
             }
             // SAFETY: forwarded as received; the parts of a valid layout.
-            return unsafe { inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) };
+            return unsafe { allocator.inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) };
         }
         // SAFETY: forwarded as received.
-        unsafe { dealloc_other(ptr, size, align, word, inner) }
+        unsafe { dealloc_other(ptr, size, align, word, allocator) }
     }
 
     /// A free whose block may have been sampled (its filter class holds live samples).
     /// Arguments in `dealloc`'s order, so that its jumps here move no register.
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_maybe_sampled<A: GlobalAlloc>(ptr: *mut u8, size: usize, align: usize, inner: &A) {
+    unsafe fn dealloc_maybe_sampled<A: GlobalAlloc>(ptr: *mut u8, size: usize, align: usize, allocator: &Allocator<A>) {
         // Forget the block before the inner allocator can hand its address out again.
         let _ = sampled::forget(ptr);
         // SAFETY: forwarded as received; the parts of a valid layout.
-        unsafe { inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) }
+        unsafe { allocator.inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) }
     }
 
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_other<A: GlobalAlloc + 'static>(ptr: *mut u8, size: usize, align: usize, word: u32, inner: &A) {
+    unsafe fn dealloc_other<A: GlobalAlloc + 'static>(
+        ptr: *mut u8,
+        size: usize,
+        align: usize,
+        word: u32,
+        allocator: &Allocator<A>,
+    ) {
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if word == mode::DHAT
@@ -454,8 +466,9 @@ mod routed {
             // through `System`, the inner allocator.
             return unsafe { dhat::Alloc.dealloc(ptr, layout) };
         }
+        answer_or_register(word, allocator);
         // SAFETY: forwarded as received.
-        unsafe { inner.dealloc(ptr, layout) }
+        unsafe { allocator.inner.dealloc(ptr, layout) }
     }
 
     /// A realloc while the mode is not `OFF`.
@@ -466,19 +479,21 @@ mod routed {
         align: usize,
         new_size: usize,
         word: u32,
-        inner: &A,
+        allocator: &Allocator<A>,
     ) -> *mut u8 {
         if mode::of(word) == mode::SAMPLED {
             // The common case: a block never sampled, and a new size within the budget.
             if !sampled::may_be_sampled(ptr) && sampled::count_down(word, new_size) {
                 // SAFETY: forwarded as received; the parts of a valid layout.
-                return unsafe { inner.realloc(ptr, Layout::from_size_align_unchecked(size, align), new_size) };
+                return unsafe {
+                    allocator.inner.realloc(ptr, Layout::from_size_align_unchecked(size, align), new_size)
+                };
             }
             // SAFETY: forwarded as received.
-            return unsafe { realloc_sampled(ptr, size, align, new_size, word, inner) };
+            return unsafe { realloc_sampled(ptr, size, align, new_size, word, allocator) };
         }
         // SAFETY: forwarded as received.
-        unsafe { realloc_other(ptr, size, align, new_size, word, inner) }
+        unsafe { realloc_other(ptr, size, align, new_size, word, allocator) }
     }
 
     /// A realloc during sampling whose old block may have been sampled, or whose new size is
@@ -491,8 +506,9 @@ mod routed {
         align: usize,
         new_size: usize,
         word: u32,
-        inner: &A,
+        allocator: &Allocator<A>,
     ) -> *mut u8 {
+        let inner = &allocator.inner;
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         // A realloc is a free of the old block and an allocation of the new size, for the
@@ -522,7 +538,7 @@ mod routed {
         align: usize,
         new_size: usize,
         word: u32,
-        inner: &A,
+        allocator: &Allocator<A>,
     ) -> *mut u8 {
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
@@ -533,11 +549,9 @@ mod routed {
             // SAFETY: forwarded as received; a block dhat never saw is recorded as new.
             return unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
         }
-        if word == mode::PROBE {
-            answer_probe::<A>();
-        }
+        answer_or_register(word, allocator);
         // SAFETY: forwarded as received.
-        unsafe { inner.realloc(ptr, layout, new_size) }
+        unsafe { allocator.inner.realloc(ptr, layout, new_size) }
     }
 }
 
@@ -554,13 +568,13 @@ mod fork {
     use std::sync::Once;
     use std::sync::atomic::Ordering;
 
-    use super::{MODE, mode};
+    use super::{mode, registry};
 
     /// Registers the child handler, once per process.
     pub(crate) fn register_child_handler() {
         static REGISTERED: Once = Once::new();
         REGISTERED.call_once(|| {
-            // SAFETY: the handler only loads and stores an atomic (async-signal-safe, as the
+            // SAFETY: the handler only loads and stores atomics (async-signal-safe, as the
             // child of a multi-threaded fork requires); it is a static function.
             let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
             if rc != 0 {
@@ -570,8 +584,11 @@ mod fork {
     }
 
     extern "C" fn in_child() {
-        if MODE.load(Ordering::SeqCst) != mode::OFF {
-            MODE.store(mode::FORKED, Ordering::SeqCst);
+        registry::forget_probe_in_child();
+        if let Some(word) = registry::active()
+            && word.load(Ordering::SeqCst) != mode::OFF
+        {
+            word.store(mode::FORKED, Ordering::SeqCst);
         }
     }
 }
@@ -589,33 +606,6 @@ impl ForkGuard {
     pub(crate) fn in_forked_child(&self) -> bool {
         std::process::id() != self.0
     }
-}
-
-/// Moves [`MODE`] from `OFF` to `PROBE`, allocates once, and reports whether that allocation
-/// came through [`Allocator`], and over which inner allocator. Leaves the mode at `PROBE` on
-/// success (the caller owns the capture, or always-on sampling, from here) and at `OFF` on
-/// failure. `Err(true)` means another memory capture (or always-on sampling) runs.
-fn claim_and_probe() -> Result<&'static Inner, bool> {
-    fork::register_child_handler();
-    if MODE.compare_exchange(mode::OFF, mode::PROBE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-        return Err(true);
-    }
-    PROBE_SEEN.store(std::ptr::null_mut(), Ordering::SeqCst);
-    PROBING.with(|probing| probing.set(true));
-    drop(std::hint::black_box(Box::new(std::hint::black_box(0u64))));
-    PROBING.with(|probing| probing.set(false));
-    let seen = PROBE_SEEN.load(Ordering::SeqCst);
-    if seen.is_null() {
-        MODE.store(mode::OFF, Ordering::SeqCst);
-        return Err(false);
-    }
-    // SAFETY: only ever set to an `Allocator::INNER`, a reference to static memory.
-    Ok(unsafe { &*seen })
-}
-
-/// Gives back a claim [`claim_and_probe`] made, for a capture that will not start after all.
-fn release_claim() {
-    MODE.store(mode::OFF, Ordering::SeqCst);
 }
 
 /// Whether always-on heap sampling runs in this process (started at install by

@@ -56,7 +56,8 @@ use onsite_core::own_work;
 use onsite_core::pprof::pseudo_frame;
 use onsite_core::{CaptureError, CaptureOutput, ProfileKind, StackTable, Stopper};
 
-use crate::{MODE, heap_pprof, in_flight, mode, stack_walk};
+use crate::registry::mode_word;
+use crate::{heap_pprof, in_flight, mode, stack_walk};
 
 /// Frames kept per sample (the allocator's own leaf frames included, dropped when written).
 const MAX_DEPTH: usize = 64;
@@ -73,7 +74,7 @@ const FILTER_BITS: u32 = 20;
 const FILTER_SLOTS: usize = 1 << FILTER_BITS;
 /// How far a lookup walks from a home slot before giving up.
 const PROBE_LIMIT: usize = 32;
-/// Generations fit in the 24 bits above the mode byte of the `MODE` word.
+/// Generations fit in the 24 bits above the mode byte of the mode word.
 const GENERATION_MAX: u32 = (1 << 24) - 1;
 /// The largest mean interval (budgets are drawn up to ~40 means).
 pub(crate) const MAX_MEAN_BYTES: u64 = 1 << 40;
@@ -185,7 +186,7 @@ pub(crate) fn begin(mean_bytes: u64) -> u64 {
     // Before the mode word: a thread that samples must find the walker (it allocates, too).
     stack_walk::install();
     // SeqCst: a thread that sees this word also sees the mean and the cleared tables.
-    MODE.store(word_of(generation), Ordering::SeqCst);
+    mode_word().store(word_of(generation), Ordering::SeqCst);
     mean_bytes
 }
 
@@ -193,7 +194,7 @@ pub(crate) fn begin(mean_bytes: u64) -> u64 {
 /// other capture can claim the allocator and clear the tables while they are read), then
 /// waits until no call is left inside the tables.
 pub(crate) fn end() {
-    MODE.store(mode::DRAINING, Ordering::SeqCst);
+    mode_word().store(mode::DRAINING, Ordering::SeqCst);
     in_flight::wait_until_none();
 }
 
@@ -203,10 +204,10 @@ pub(crate) fn end() {
 pub(crate) fn release() {
     stack_walk::uninstall();
     DIRTY.store(true, Ordering::SeqCst);
-    MODE.store(mode::OFF, Ordering::SeqCst);
+    mode_word().store(mode::OFF, Ordering::SeqCst);
 }
 
-/// The `MODE` word of the sampled capture with `generation`.
+/// The mode word of the sampled capture with `generation`.
 const fn word_of(generation: u32) -> u32 {
     mode::SAMPLED | generation << 8
 }

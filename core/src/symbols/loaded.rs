@@ -66,6 +66,24 @@ pub(crate) fn loaded_objects() -> Vec<LoadedObject> {
     objects
 }
 
+/// Whether `[address, address + len)` lies inside one writable loadable segment of an object
+/// loaded now: its `.data` or `.bss`, memory that lives as long as the object does. A stack's,
+/// a thread-local's or the heap's never does. For telling a `static` from any other place a
+/// value may sit, before keeping its address for good.
+pub fn in_writable_segment(address: usize, len: usize) -> bool {
+    let (Ok(start), Ok(len)) = (u64::try_from(address), u64::try_from(len)) else { return false };
+    loaded_objects().iter().any(|object| {
+        object.headers.iter().any(|h| {
+            let segment = object.bias.wrapping_add(h.p_vaddr);
+            h.p_type == libc::PT_LOAD
+                && h.p_flags & libc::PF_W != 0
+                && segment <= start
+                && start - segment <= h.p_memsz
+                && len <= h.p_memsz - (start - segment)
+        })
+    })
+}
+
 /// The `NT_GNU_BUILD_ID` note among the object's `PT_NOTE` segments, in hex.
 ///
 /// # Safety
@@ -84,4 +102,37 @@ unsafe fn build_id_in_memory(bias: u64, headers: &[libc::Elf64_Phdr]) -> Option<
         }
         None
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::in_writable_segment;
+
+    static WORD: AtomicU32 = AtomicU32::new(0);
+    static CONSTANT: u32 = 7;
+
+    thread_local! {
+        static PER_THREAD: u32 = const { 0 };
+    }
+
+    fn address_of<T>(value: &T) -> usize {
+        std::ptr::from_ref(value) as usize
+    }
+
+    #[test]
+    fn a_mutable_static_is_in_a_writable_segment_and_nothing_else_is() {
+        let size = std::mem::size_of::<u32>();
+        assert!(in_writable_segment(address_of(&WORD), size));
+        assert!(!in_writable_segment(address_of(&CONSTANT), size), "an immutable static is read-only");
+        let on_stack = AtomicU32::new(0);
+        assert!(!in_writable_segment(address_of(&on_stack), size));
+        let on_heap = Box::new(AtomicU32::new(0));
+        assert!(!in_writable_segment(address_of(&*on_heap), size));
+        PER_THREAD.with(|value| assert!(!in_writable_segment(address_of(value), size)));
+        let code = a_mutable_static_is_in_a_writable_segment_and_nothing_else_is as fn() as usize;
+        assert!(!in_writable_segment(code, 1), "code is not writable");
+        assert!(!in_writable_segment(usize::MAX - 1, size));
+    }
 }

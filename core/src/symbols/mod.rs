@@ -5,7 +5,8 @@
 //!   file offset and GNU build ID (the loaded object's, read from memory: the file at its path
 //!   may have been replaced since), as pprof's `Mapping` wants them.
 //! - `loaded`: the objects the loader has loaded (`dl_iterate_phdr`), the one list of them,
-//!   for those build IDs and for the stack walker's modules.
+//!   for those build IDs and for the stack walker's modules, and [`in_writable_segment`]:
+//!   whether an address is a `static`'s.
 //! - [`Symbolizer`]: addresses to frames through `addr2line` (DWARF) and the ELF symbol table
 //!   (`.symtab`, else `.dynsym`, sizes checked), reading each object's own file, or files
 //!   found on a search path by build ID (offline, like `PPROF_BINARY_PATH`).
@@ -24,6 +25,7 @@ mod symbolizer;
 use std::cell::Cell;
 use std::time::Instant;
 
+pub use loaded::in_writable_segment;
 pub use maps::{MappedFile, Mappings, ObjectMapping};
 pub use symbolizer::{Resolved, Symbolizer, release_shared, with_shared};
 
