@@ -42,6 +42,10 @@ pub(crate) struct DhatStopper {
 /// Starts a dhat capture; the caller has claimed the mode (it is `PROBE`).
 pub(crate) fn start() -> DhatStopper {
     debug_assert!(in_flight::none());
+    // Before dhat's session and the mode: a block dhat records is allocated after a thread saw
+    // the mode (and took dhat's lock, which the session's start took after this), so its free
+    // sees the filter marked.
+    crate::sampled::mark_every_class();
     let profiler = dhat::Profiler::builder().trim_backtraces(Some(MAX_FRAMES)).build();
     let stopper = DhatStopper {
         profiler: Some(profiler),

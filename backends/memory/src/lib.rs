@@ -350,8 +350,9 @@ mod routed {
         unsafe { if zeroed { inner.alloc_zeroed(layout) } else { inner.alloc(layout) } }
     }
 
-    /// What a call in a mode other than sampled or dhat does before it goes to the inner
-    /// allocator: answer the probe, or register the allocator at its first call.
+    /// What an allocation in a mode other than sampled or dhat does before it goes to the inner
+    /// allocator: answer the probe (an allocation), or register the allocator at its first
+    /// call (which allocates: a free or a realloc needs a block this allocator handed out).
     #[inline(always)]
     fn answer_or_register<A: GlobalAlloc + 'static>(word: u32, allocator: &Allocator<A>) {
         if word == mode::PROBE {
@@ -415,7 +416,10 @@ mod routed {
         }
     }
 
-    /// A free while the mode is not `OFF`.
+    /// A free while the mode is not `OFF`: a block whose filter class is clear (no live
+    /// sample in it, and no dhat capture running, which marks every class) goes straight to
+    /// the inner allocator, whatever the mode; the filter byte answers for both, so the common
+    /// free reads no mode.
     #[inline(never)]
     pub(super) unsafe fn dealloc<A: GlobalAlloc + 'static>(
         ptr: *mut u8,
@@ -424,32 +428,20 @@ mod routed {
         word: u32,
         allocator: &Allocator<A>,
     ) {
-        if mode::of(word) == mode::SAMPLED {
-            if sampled::may_be_sampled(ptr) {
-                // SAFETY: forwarded as received.
-                return unsafe { dealloc_maybe_sampled(ptr, size, align, allocator) };
-            }
+        if !sampled::may_be_sampled(ptr) {
             // SAFETY: forwarded as received; the parts of a valid layout.
             return unsafe { allocator.inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) };
         }
         // SAFETY: forwarded as received.
-        unsafe { dealloc_other(ptr, size, align, word, allocator) }
+        unsafe { dealloc_marked(ptr, size, align, word, allocator) }
     }
 
-    /// A free whose block may have been sampled (its filter class holds live samples).
-    /// Arguments in `dealloc`'s order, so that its jumps here move no register.
+    /// A free whose filter class is marked: a block that may have been sampled, or any block
+    /// during a dhat capture. Arguments in `dealloc`'s order, so that its jump here moves no
+    /// register.
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_maybe_sampled<A: GlobalAlloc>(ptr: *mut u8, size: usize, align: usize, allocator: &Allocator<A>) {
-        // Forget the block before the inner allocator can hand its address out again.
-        let _ = sampled::forget(ptr);
-        // SAFETY: forwarded as received; the parts of a valid layout.
-        unsafe { allocator.inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) }
-    }
-
-    #[cold]
-    #[inline(never)]
-    unsafe fn dealloc_other<A: GlobalAlloc + 'static>(
+    unsafe fn dealloc_marked<A: GlobalAlloc + 'static>(
         ptr: *mut u8,
         size: usize,
         align: usize,
@@ -458,7 +450,10 @@ mod routed {
     ) {
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
-        if word == mode::DHAT
+        if mode::of(word) == mode::SAMPLED {
+            // Forget the block before the inner allocator can hand its address out again.
+            let _ = sampled::forget(ptr);
+        } else if word == mode::DHAT
             && is_system::<A>()
             && let Some(_entered) = enter_dhat()
         {
@@ -466,7 +461,6 @@ mod routed {
             // through `System`, the inner allocator.
             return unsafe { dhat::Alloc.dealloc(ptr, layout) };
         }
-        answer_or_register(word, allocator);
         // SAFETY: forwarded as received.
         unsafe { allocator.inner.dealloc(ptr, layout) }
     }
@@ -481,23 +475,18 @@ mod routed {
         word: u32,
         allocator: &Allocator<A>,
     ) -> *mut u8 {
-        if mode::of(word) == mode::SAMPLED {
-            // The common case: a block never sampled, and a new size within the budget.
-            if !sampled::may_be_sampled(ptr) && sampled::count_down(word, new_size) {
-                // SAFETY: forwarded as received; the parts of a valid layout.
-                return unsafe {
-                    allocator.inner.realloc(ptr, Layout::from_size_align_unchecked(size, align), new_size)
-                };
-            }
-            // SAFETY: forwarded as received.
-            return unsafe { realloc_sampled(ptr, size, align, new_size, word, allocator) };
+        // The common case: a block in a clear filter class (see `dealloc`), and a new size
+        // within this thread's budget of a sampled capture (no other mode's word matches it).
+        if !sampled::may_be_sampled(ptr) && sampled::count_down(word, new_size) {
+            // SAFETY: forwarded as received; the parts of a valid layout.
+            return unsafe { allocator.inner.realloc(ptr, Layout::from_size_align_unchecked(size, align), new_size) };
         }
         // SAFETY: forwarded as received.
         unsafe { realloc_other(ptr, size, align, new_size, word, allocator) }
     }
 
     /// A realloc during sampling whose old block may have been sampled, or whose new size is
-    /// past the budget. Arguments in `realloc`'s order, as for `dealloc_maybe_sampled`.
+    /// past the budget. Arguments in `realloc`'s order, as for `dealloc_marked`.
     #[cold]
     #[inline(never)]
     unsafe fn realloc_sampled<A: GlobalAlloc>(
@@ -530,6 +519,8 @@ mod routed {
         unsafe { sampled::realloc_past_budget(inner, word, ptr, layout, new_size, forgotten) }
     }
 
+    /// Everything but the common case of a realloc: a sampled capture's (see
+    /// `realloc_sampled`), dhat's, and every other mode's.
     #[cold]
     #[inline(never)]
     unsafe fn realloc_other<A: GlobalAlloc + 'static>(
@@ -540,6 +531,10 @@ mod routed {
         word: u32,
         allocator: &Allocator<A>,
     ) -> *mut u8 {
+        if mode::of(word) == mode::SAMPLED {
+            // SAFETY: forwarded as received.
+            return unsafe { realloc_sampled(ptr, size, align, new_size, word, allocator) };
+        }
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if word == mode::DHAT
@@ -549,7 +544,6 @@ mod routed {
             // SAFETY: forwarded as received; a block dhat never saw is recorded as new.
             return unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
         }
-        answer_or_register(word, allocator);
         // SAFETY: forwarded as received.
         unsafe { allocator.inner.realloc(ptr, layout, new_size) }
     }

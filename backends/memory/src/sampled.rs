@@ -36,7 +36,10 @@
 //!   them: with 2,000 live sampled blocks a free meets a marked class 0.2% of the time.
 //!   Only the pages around the heap's hot parts are ever touched. A free whose class holds
 //!   entries first looks for its address without writing anything; only a block that really
-//!   was sampled takes the counted (`in_flight`) path that updates the tables.
+//!   was sampled takes the counted (`in_flight`) path that updates the tables. The free reads
+//!   no mode before the filter: a dhat capture marks every class (`mark_every_class`), so the
+//!   same byte sends every free on to dhat then, and every other mode finds the classes of
+//!   the blocks the last sampled capture left live, or none.
 //! - **Full tables** never block or allocate, and never make a wrong profile: a sample whose
 //!   stack finds `SITES` full is counted and its block tracked under the `STACK_NOT_KEPT` index
 //!   (written as one named pseudo-frame); one the live table cannot hold is counted in
@@ -138,6 +141,9 @@ static UNTRACKED: SiteCounts = SiteCounts::new();
 static UNTRACKED_LIVE: AtomicU64 = AtomicU64::new(0);
 /// Whether the tables hold a previous capture's data.
 static DIRTY: AtomicBool = AtomicBool::new(false);
+/// Whether every filter class was marked (by a dhat capture, see [`mark_every_class`]), so
+/// that clearing the tables must clear the whole filter.
+static EVERY_CLASS_MARKED: AtomicBool = AtomicBool::new(false);
 
 /// A thread's `word` before its first sampled allocation: its mode byte (0xff) is no mode's,
 /// so no mode word, `OFF` included, matches it.
@@ -218,6 +224,11 @@ const fn word_of(generation: u32) -> u32 {
 /// untouched (and not resident): the sites that were claimed, and the filter classes of the
 /// blocks still in the live table (the filter counts exactly those).
 fn clear_tables() {
+    if EVERY_CLASS_MARKED.swap(false, Ordering::Relaxed) {
+        for class in &FILTER {
+            class.store(0, Ordering::Relaxed);
+        }
+    }
     SITES.clear(|site| SITE_COUNTS[site].reset());
     SITE_COUNTS[STACK_NOT_KEPT].reset();
     UNTRACKED.reset();
@@ -331,12 +342,25 @@ fn take_sample(word: u32, size: usize) -> bool {
     })
 }
 
-/// Called for every free (and the old block of every realloc) while sampling, before the block
-/// goes back to the inner allocator: whether its filter class holds live sampled blocks. Only
-/// then can the block be one of them, and [`forget`] must look.
+/// Called for every free (and the old block of every realloc) in every mode but `OFF`, before
+/// the block goes back to the inner allocator: whether its filter class is marked, because it
+/// holds live sampled blocks (only then can the block be one of them, and [`forget`] must look)
+/// or because a dhat capture marked them all (every free must reach dhat then).
 #[inline(always)]
 pub(crate) fn may_be_sampled(ptr: *mut u8) -> bool {
     FILTER[filter_class(ptr as usize)].load(Ordering::Relaxed) != 0
+}
+
+/// Marks every filter class, for a dhat capture: the free's filter check then sends every free
+/// on to the path that asks the mode, as dhat needs. Called before the dhat capture begins
+/// (the mode is `PROBE`, so no sampled capture reads or writes the filter); the next sampled
+/// start clears the whole filter (which then stays resident: 1 MiB).
+pub(crate) fn mark_every_class() {
+    for class in &FILTER {
+        class.store(u8::MAX, Ordering::Relaxed);
+    }
+    EVERY_CLASS_MARKED.store(true, Ordering::Relaxed);
+    DIRTY.store(true, Ordering::SeqCst);
 }
 
 /// A sampled block's live-table entry (`size << 16 | site`), taken out by [`forget`].

@@ -86,6 +86,23 @@ fn child_leak_and_churn() {
     });
 }
 
+/// A dhat capture marks every filter class (every free must reach dhat); a sampled capture
+/// after it in the same process starts from a clear filter, and is as right as a first one.
+#[test]
+fn a_sampled_capture_after_a_dhat_one_is_as_right_as_a_first_one() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child("child_dhat_then_sampled", dir.path(), Duration::from_secs(60), Duration::from_secs(60));
+    common::scenarios::check_leak_and_churn(&dir.path().join("sampled"), "std::alloc::System");
+}
+
+#[test]
+#[ignore = "child role"]
+fn child_dhat_then_sampled() {
+    let Some(dir) = child_role("child_dhat_then_sampled") else { return };
+    capture(&mut dhat(), &dir.join("dhat"), planted_churn);
+    common::scenarios::leak_and_churn(&dir.join("sampled"));
+}
+
 /// Blocks that cross a capture's edges: allocated before and freed during, reallocated during,
 /// allocated during and freed after (and their addresses reused in the next capture).
 #[test]
