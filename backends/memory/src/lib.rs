@@ -253,17 +253,19 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 }
 
 // Each method is one relaxed load and a branch: `OFF` goes straight to the inner allocator,
-// anything else to one out-of-line function of `routed`. The off path is what a service pays
-// all the time, so it is the one laid out straight: it falls through to the inner allocator's
-// tail call, no register is saved for the other paths, and `cold_path` keeps LLVM from laying
-// the other way inline (its heuristics take `== 0` for the unlikely side). `routed`'s entry
-// points are optimised for speed, not size: the sampled common case (a thread-local countdown
-// on allocation, one filter byte on free) is inlined there, and they end in a tail call of the
-// inner allocator, so a sampled call costs one taken branch (the branch jumps straight into
-// `routed`) more than an off one, plus its own checks. (Inlining that common case here instead
-// makes the off path pay a taken branch and the registers the other paths save: 0.91–0.94 of
-// the bare allocator against 0.96–0.99; see BENCHMARKS.) The branch is a conditional tail call, so
-// `routed`'s arguments are in place before it, on the off path too: they are what
+// anything else to one out-of-line function of `routed`. The load is of the allocator's own
+// mode word, in the service's `#[global_allocator]` static, so it is one load at a fixed offset
+// from the code (a `static` of this crate would be reached through the GOT: two dependent
+// loads). The off path is what a service pays all the time, so it is the one laid out
+// straight: it falls through to the inner allocator's tail call, no register is saved for the
+// other paths, and `cold_path` keeps LLVM from laying the other way inline (its heuristics take
+// `== 0` for the unlikely side). `routed`'s entry points are optimised for speed, not size: the
+// sampled common case (a thread-local countdown on allocation, one filter byte on free) is
+// inlined there, and they end in a tail call of the inner allocator, so a sampled call costs
+// one taken branch (into `routed`, after one `lea` of the allocator's address) more than an off
+// one, plus its own checks. (Inlining that common case here instead makes the off path pay a
+// taken branch and the registers the other paths save: 0.91–0.94 of the bare allocator against
+// 0.96–0.99; see BENCHMARKS.) `routed`'s arguments are what
 // `__rust_alloc`/`__rust_dealloc`/`__rust_realloc` receive, in their order (the layout as size
 // then alignment, where a `Layout` argument would come the other way round), with the mode word
 // and the allocator after them, so that no register has to move.

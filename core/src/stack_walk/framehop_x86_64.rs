@@ -101,19 +101,22 @@ impl Drop for Pin {
 /// addresses of one stack that share an index evict each other at every walk, and each eviction
 /// costs a CFI lookup and evaluation (thousands of instructions), so with one cache a walk costs
 /// 3,000 or 11,000 instructions depending only on where the loader happened to put the code.
-/// Each frame therefore picks one of `WAYS` caches by another part of its address, which makes
-/// those collisions `WAYS` times rarer (and the cache `WAYS` times larger for services with
-/// many stacks).
+/// Each frame therefore picks one of `WAYS` caches by a hash of its address, which makes those
+/// collisions `WAYS` times rarer (and the cache `WAYS` times larger for services with many
+/// stacks). The hash must not be a function of `address % 509`'s neighbours: with the way taken
+/// from `address / 509`, two addresses of one object `509 × 4k` bytes apart (the sampler's own
+/// frame and its caller's, in one build) shared both the index and the way, in every process.
 const WAYS: usize = 4;
-const RULE_CACHE_ENTRIES: u64 = 509;
+const _: () = assert!(WAYS.is_power_of_two(), "`way` takes the top bits of a hash");
 
 /// A walker's caches, claimed as a whole by one walk at a time.
 type Caches = [CacheX86_64<Policy>; WAYS];
 
-/// The cache for the frame whose lookup address is `address`.
+/// The cache for the frame whose lookup address is `address`: the top bits of a Fibonacci
+/// hash, which mixes every bit of the address (the load base's too) into them.
 #[inline(always)]
 fn way(address: u64) -> usize {
-    ((address / RULE_CACHE_ENTRIES) % WAYS as u64) as usize
+    (address.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (u64::BITS - WAYS.trailing_zeros())) as usize
 }
 
 struct CacheSlot {
