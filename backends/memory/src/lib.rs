@@ -291,7 +291,13 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, false>(layout.size(), layout.align(), word, self) }
+        unsafe {
+            if size_of::<A>() == 0 {
+                routed::alloc_zero_sized::<A, false>(layout.size(), layout.align(), word)
+            } else {
+                routed::alloc::<A, false>(layout.size(), layout.align(), word, &self.inner)
+            }
+        }
     }
 
     #[inline]
@@ -303,7 +309,13 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::alloc::<A, true>(layout.size(), layout.align(), word, self) }
+        unsafe {
+            if size_of::<A>() == 0 {
+                routed::alloc_zero_sized::<A, true>(layout.size(), layout.align(), word)
+            } else {
+                routed::alloc::<A, true>(layout.size(), layout.align(), word, &self.inner)
+            }
+        }
     }
 
     #[inline]
@@ -315,7 +327,13 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
         }
         std::hint::cold_path();
         // SAFETY: forwarded as received.
-        unsafe { routed::dealloc(ptr, layout.size(), layout.align(), word, self) }
+        unsafe {
+            if size_of::<A>() == 0 {
+                routed::dealloc_zero_sized::<A>(ptr, layout.size(), layout.align(), word)
+            } else {
+                routed::dealloc(ptr, layout.size(), layout.align(), word, &self.inner)
+            }
+        }
     }
 
     #[inline]
@@ -333,7 +351,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
 
 /// The paths taken while a capture runs (or starts, or stops), and an allocator's first call.
 /// `word` is the mode word the caller read; a stale one is handled like any call racing a mode
-/// change. `allocator` is the calling [`Allocator`].
+/// change. `allocator` is the calling [`Allocator`], `inner` its inner allocator.
 mod routed {
     use super::*;
     use onsite_core::own_work;
@@ -352,10 +370,13 @@ mod routed {
         unsafe { if zeroed { inner.alloc_zeroed(layout) } else { inner.alloc(layout) } }
     }
 
-    /// What an allocation in a mode other than sampled or dhat does before it goes to the inner
-    /// allocator: answer the probe (an allocation), or register the allocator at its first
-    /// call (which allocates: a free or a realloc needs a block this allocator handed out).
-    #[inline(always)]
+    /// What a realloc in a mode other than sampled or dhat does before it goes to the inner
+    /// allocator: answer the probe, or register the allocator at its first realloc. Only the
+    /// realloc path does either, because only it carries the allocator's address: passing it
+    /// on the allocation path too would cost every sampled allocation an instruction and a
+    /// jump more (the branch into `routed` would no longer be a conditional tail call), and
+    /// reallocs are rare enough for that. An allocator that has not reallocated yet takes the
+    /// slow path (and goes to the inner allocator) until it does; the probe reallocates.
     fn answer_or_register<A: GlobalAlloc + 'static>(word: u32, allocator: &Allocator<A>) {
         if word == mode::PROBE {
             registry::answer_probe::<A>(&allocator.mode);
@@ -364,36 +385,65 @@ mod routed {
         }
     }
 
-    /// An allocation while the mode is not `OFF`: the sampled common case
-    /// ([`sampled::count_down`]) here, the rest out of line.
+    /// A zero-sized inner allocator (`System`, jemalloc's, mimalloc's), for the entry points
+    /// that take no address of it: LLVM passes `&self.inner` in a register even when nothing
+    /// reads it, and materialising that address after the branch out of the off path turns the
+    /// branch (a conditional tail call into `routed`) into a branch, an address and a jump.
+    #[inline(always)]
+    fn zero_sized<'a, A>() -> &'a A {
+        debug_assert_eq!(size_of::<A>(), 0);
+        // SAFETY: `A` is zero-sized (the callers check), so any non-null, aligned pointer is a
+        // valid reference to it; the value exists (it is the calling allocator's `inner`), and a
+        // zero-sized value has no bytes for its address to tell apart.
+        unsafe { std::ptr::NonNull::<A>::dangling().as_ref() }
+    }
+
+    /// As [`alloc`], over a zero-sized inner allocator (see [`zero_sized`]).
+    #[inline(never)]
+    pub(super) unsafe fn alloc_zero_sized<A: GlobalAlloc + 'static, const ZEROED: bool>(
+        size: usize,
+        align: usize,
+        word: u32,
+    ) -> *mut u8 {
+        // SAFETY: forwarded as received.
+        unsafe { alloc_body::<A, ZEROED>(size, align, word, zero_sized()) }
+    }
+
+    /// An allocation while the mode is not `OFF`.
     #[inline(never)]
     pub(super) unsafe fn alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
         size: usize,
         align: usize,
         word: u32,
-        allocator: &Allocator<A>,
+        inner: &A,
+    ) -> *mut u8 {
+        // SAFETY: forwarded as received.
+        unsafe { alloc_body::<A, ZEROED>(size, align, word, inner) }
+    }
+
+    /// The sampled common case ([`sampled::count_down`]) inline, the rest out of line.
+    #[inline(always)]
+    unsafe fn alloc_body<A: GlobalAlloc + 'static, const ZEROED: bool>(
+        size: usize,
+        align: usize,
+        word: u32,
+        inner: &A,
     ) -> *mut u8 {
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if sampled::count_down(word, layout.size()) {
             // SAFETY: forwarded as received.
-            return unsafe { inner_alloc(&allocator.inner, layout, ZEROED) };
+            return unsafe { inner_alloc(inner, layout, ZEROED) };
         }
         // SAFETY: forwarded as received.
-        unsafe { alloc_other(allocator, word, layout, ZEROED) }
+        unsafe { alloc_other(inner, word, layout, ZEROED) }
     }
 
-    /// Everything but the sampled common case: a maybe-sampled allocation, dhat, the probe,
-    /// a first call.
+    /// Everything but the sampled common case: a maybe-sampled allocation, dhat, and every
+    /// other mode's (straight to the inner allocator).
     #[cold]
     #[inline(never)]
-    unsafe fn alloc_other<A: GlobalAlloc + 'static>(
-        allocator: &Allocator<A>,
-        word: u32,
-        layout: Layout,
-        zeroed: bool,
-    ) -> *mut u8 {
-        let inner = &allocator.inner;
+    unsafe fn alloc_other<A: GlobalAlloc + 'static>(inner: &A, word: u32, layout: Layout, zeroed: bool) -> *mut u8 {
         match mode::of(word) {
             // SAFETY: forwarded as received.
             mode::SAMPLED => unsafe { sampled::alloc_past_budget(inner, word, layout, zeroed) },
@@ -410,11 +460,8 @@ mod routed {
                 // SAFETY: forwarded as received; dhat allocates from `System`, the inner one.
                 unsafe { if zeroed { dhat::Alloc.alloc_zeroed(layout) } else { dhat::Alloc.alloc(layout) } }
             }
-            _ => {
-                answer_or_register(word, allocator);
-                // SAFETY: forwarded as received.
-                unsafe { inner_alloc(inner, layout, zeroed) }
-            }
+            // SAFETY: forwarded as received.
+            _ => unsafe { inner_alloc(inner, layout, zeroed) },
         }
     }
 
@@ -428,14 +475,32 @@ mod routed {
         size: usize,
         align: usize,
         word: u32,
-        allocator: &Allocator<A>,
+        inner: &A,
     ) {
+        // SAFETY: forwarded as received.
+        unsafe { dealloc_body(ptr, size, align, word, inner) }
+    }
+
+    /// As [`dealloc`], over a zero-sized inner allocator (see [`zero_sized`]).
+    #[inline(never)]
+    pub(super) unsafe fn dealloc_zero_sized<A: GlobalAlloc + 'static>(
+        ptr: *mut u8,
+        size: usize,
+        align: usize,
+        word: u32,
+    ) {
+        // SAFETY: forwarded as received.
+        unsafe { dealloc_body(ptr, size, align, word, zero_sized::<A>()) }
+    }
+
+    #[inline(always)]
+    unsafe fn dealloc_body<A: GlobalAlloc + 'static>(ptr: *mut u8, size: usize, align: usize, word: u32, inner: &A) {
         if !sampled::may_be_sampled(ptr) {
             // SAFETY: forwarded as received; the parts of a valid layout.
-            return unsafe { allocator.inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) };
+            return unsafe { inner.dealloc(ptr, Layout::from_size_align_unchecked(size, align)) };
         }
         // SAFETY: forwarded as received.
-        unsafe { dealloc_marked(ptr, size, align, word, allocator) }
+        unsafe { dealloc_marked(ptr, size, align, word, inner) }
     }
 
     /// A free whose filter class is marked: a block that may have been sampled, or any block
@@ -443,13 +508,7 @@ mod routed {
     /// register.
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_marked<A: GlobalAlloc + 'static>(
-        ptr: *mut u8,
-        size: usize,
-        align: usize,
-        word: u32,
-        allocator: &Allocator<A>,
-    ) {
+    unsafe fn dealloc_marked<A: GlobalAlloc + 'static>(ptr: *mut u8, size: usize, align: usize, word: u32, inner: &A) {
         // SAFETY: the parts of a valid layout.
         let layout = unsafe { Layout::from_size_align_unchecked(size, align) };
         if mode::of(word) == mode::SAMPLED {
@@ -464,7 +523,7 @@ mod routed {
             return unsafe { dhat::Alloc.dealloc(ptr, layout) };
         }
         // SAFETY: forwarded as received.
-        unsafe { allocator.inner.dealloc(ptr, layout) }
+        unsafe { inner.dealloc(ptr, layout) }
     }
 
     /// A realloc while the mode is not `OFF`.
@@ -522,7 +581,8 @@ mod routed {
     }
 
     /// Everything but the common case of a realloc: a sampled capture's (see
-    /// `realloc_sampled`), dhat's, and every other mode's.
+    /// `realloc_sampled`), dhat's, and every other mode's (the probe's and a first realloc's
+    /// included, see `answer_or_register`).
     #[cold]
     #[inline(never)]
     unsafe fn realloc_other<A: GlobalAlloc + 'static>(
@@ -546,6 +606,7 @@ mod routed {
             // SAFETY: forwarded as received; a block dhat never saw is recorded as new.
             return unsafe { dhat::Alloc.realloc(ptr, layout, new_size) };
         }
+        answer_or_register(word, allocator);
         // SAFETY: forwarded as received.
         unsafe { allocator.inner.realloc(ptr, layout, new_size) }
     }

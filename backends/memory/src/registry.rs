@@ -8,18 +8,23 @@
 //! the word of one allocator only, the process's global one, which it finds in three steps:
 //!
 //! 1. **Registration.** Every `Allocator` starts with its word at `UNREGISTERED`, which is not
-//!    `OFF`, so its first call takes the slow path. That path moves the word to `OFF` (one
-//!    compare-exchange: one caller wins) and puts the word's address into [`CANDIDATES`], a
-//!    fixed array: no allocation, no lock, nothing to wait for. From then on its calls take the
-//!    off path. The address is only kept, never used, until step 2 has checked it.
+//!    `OFF`, so its calls take the slow path (and go to the inner allocator) until its first
+//!    realloc, the one path that carries the allocator's address (see `routed`'s
+//!    `answer_or_register`: the allocation path is kept without it). That realloc moves the
+//!    word to `OFF` (one compare-exchange: one caller wins) and puts the word's address into
+//!    [`CANDIDATES`], a fixed array: no allocation, no lock, nothing to wait for. From then on
+//!    its calls take the off path. The address is only kept, never used, until step 2 has
+//!    checked it.
 //! 2. **Check.** At the first capture the control thread keeps the candidates whose word lies in
 //!    a writable segment of a loaded object (`onsite_core::symbols::in_writable_segment`):
 //!    `static`s, which live for good. An `Allocator` on a stack, in a thread-local or on the
 //!    heap registers too if it is ever called, and is never touched: writing to its word later
 //!    would be writing to memory that may be something else by then.
-//! 3. **Probe.** It moves those words to `PROBE` and allocates once, with [`PROBING`] set on its
-//!    own thread: the allocation that answers (the global allocator's, the only one a `Box`
-//!    reaches) names its word and its inner allocator. That word is [`ACTIVE`] for the rest of
+//! 3. **Probe.** It moves those words to `PROBE` and allocates and reallocates once, with
+//!    [`PROBING`] set on its own thread: the realloc that answers (the global allocator's, the
+//!    only one `std::alloc::realloc` reaches) names its word and its inner allocator. (Before
+//!    step 2 the first capture reallocates once too, so that a global allocator no realloc has
+//!    reached yet registers.) That word is [`ACTIVE`] for the rest of
 //!    the process's life; the others go back to `OFF`. Later captures probe `ACTIVE` alone.
 //!
 //! A process has one global allocator, so `ACTIVE` never changes once set; an `Allocator` that
@@ -43,8 +48,8 @@ static PROBED: [AtomicPtr<AtomicU32>; 8] = [const { AtomicPtr::new(std::ptr::nul
 /// Set while a control thread probes the candidates (before `ACTIVE` is known), so that two
 /// captures starting together do not probe over each other.
 static FINDING: AtomicBool = AtomicBool::new(false);
-/// Set by the probe's own allocation when it comes through an `Allocator` whose word is
-/// `PROBE`: its word and its inner allocator. Null until then.
+/// Set by the probe's own realloc when it comes through an `Allocator` whose word is `PROBE`:
+/// its word and its inner allocator. Null until then.
 static PROBE_WORD: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
 static PROBE_INNER: AtomicPtr<Inner> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -94,7 +99,7 @@ pub(crate) fn register(word: &AtomicU32) {
     CANDIDATES_FULL.store(true, Ordering::Relaxed);
 }
 
-/// Answers the probe if this is its allocation (see [`PROBING`]); `word` is the calling
+/// Answers the probe if this is its realloc (see [`PROBING`]); `word` is the calling
 /// allocator's.
 #[inline(always)]
 pub(crate) fn answer_probe<A: std::alloc::GlobalAlloc + 'static>(word: &AtomicU32) {
@@ -142,6 +147,8 @@ pub(crate) fn claim_and_probe() -> Result<&'static Inner, Unclaimed> {
 
 /// The first probe: over every candidate in static memory. Sets `ACTIVE` if one answers.
 fn find_global() -> Option<&'static Inner> {
+    // A global allocator that has not reallocated yet registers now.
+    reallocate_once();
     let mut words: Vec<&'static AtomicU32> = Vec::with_capacity(CANDIDATES.len());
     for (slot, probed) in CANDIDATES.iter().zip(&PROBED) {
         let address = slot.load(Ordering::SeqCst);
@@ -176,13 +183,13 @@ fn find_global() -> Option<&'static Inner> {
     Some(inner)
 }
 
-/// Allocates once with `PROBING` set, `words` at `PROBE`, and returns which of them answered
-/// (the global allocator's) and its inner allocator.
+/// Allocates and reallocates once with `PROBING` set, `words` at `PROBE`, and returns which of
+/// them answered (the global allocator's) and its inner allocator.
 fn probe(words: &[&'static AtomicU32]) -> Option<(&'static AtomicU32, &'static Inner)> {
     PROBE_WORD.store(std::ptr::null_mut(), Ordering::SeqCst);
     PROBE_INNER.store(std::ptr::null_mut(), Ordering::SeqCst);
     PROBING.with(|probing| probing.set(true));
-    drop(std::hint::black_box(Box::new(std::hint::black_box(0u64))));
+    reallocate_once();
     PROBING.with(|probing| probing.set(false));
     let word = PROBE_WORD.load(Ordering::SeqCst);
     let inner = PROBE_INNER.load(Ordering::SeqCst);
@@ -191,6 +198,28 @@ fn probe(words: &[&'static AtomicU32]) -> Option<(&'static AtomicU32, &'static I
     let word = *words.iter().find(|candidate| std::ptr::eq(**candidate, word))?;
     // SAFETY: only ever set to an `Allocator::INNER`, a reference to static memory.
     (!inner.is_null()).then(|| (word, unsafe { &*inner }))
+}
+
+/// One allocation, grown by a realloc and freed, through the global allocator.
+fn reallocate_once() {
+    let layout = std::alloc::Layout::new::<u64>();
+    // SAFETY: a valid, non-zero layout; the block is grown with the layout it was allocated
+    // with, and freed once with the layout of its new size; a null result is left alone.
+    unsafe {
+        let block = std::alloc::alloc(layout);
+        if block.is_null() {
+            return;
+        }
+        let grown = std::alloc::realloc(std::hint::black_box(block), layout, 2 * layout.size());
+        if grown.is_null() {
+            std::alloc::dealloc(block, layout);
+        } else {
+            std::alloc::dealloc(
+                grown,
+                std::alloc::Layout::from_size_align_unchecked(2 * layout.size(), layout.align()),
+            );
+        }
+    }
 }
 
 /// Gives back a claim [`claim_and_probe`] made, for a capture that will not start after all.

@@ -17,8 +17,12 @@ use onsite_core::Profiler;
 use onsite_memory::{Allocator, MemoryMode, MemoryProfiler};
 
 /// `System`, recording each call made by a thread that asked for it (fixed tables of atomics:
-/// a global allocator may not allocate).
-struct Recorder;
+/// a global allocator may not allocate). Not zero-sized, unlike `System`, jemalloc's and
+/// mimalloc's: `calls` counts every call through `&self`, so the allocator's paths that pass
+/// the inner allocator's address are the ones under test here.
+struct Recorder {
+    calls: AtomicUsize,
+}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Call {
@@ -73,6 +77,7 @@ fn recorded(body: impl FnOnce()) -> Vec<Call> {
 // SAFETY: every call goes to `System` unchanged; recording only stores into atomics.
 unsafe impl GlobalAlloc for Recorder {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         // SAFETY: forwarded as received.
         let ptr = unsafe { System.alloc(layout) };
         log([0, ptr as usize, layout.size(), layout.align(), 0, 0]);
@@ -80,6 +85,7 @@ unsafe impl GlobalAlloc for Recorder {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         // SAFETY: forwarded as received.
         let ptr = unsafe { System.alloc_zeroed(layout) };
         log([1, ptr as usize, layout.size(), layout.align(), 0, 0]);
@@ -87,6 +93,7 @@ unsafe impl GlobalAlloc for Recorder {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         // SAFETY: forwarded as received.
         let new = unsafe { System.realloc(ptr, layout, new_size) };
         log([2, ptr as usize, layout.size(), layout.align(), new_size, new as usize]);
@@ -94,6 +101,7 @@ unsafe impl GlobalAlloc for Recorder {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
         log([3, ptr as usize, layout.size(), layout.align(), 0, 0]);
         // SAFETY: forwarded as received.
         unsafe { System.dealloc(ptr, layout) }
@@ -101,13 +109,14 @@ unsafe impl GlobalAlloc for Recorder {
 }
 
 #[global_allocator]
-static ALLOC: Allocator<Recorder> = Allocator::wrapping(Recorder);
+static ALLOC: Allocator<Recorder> = Allocator::wrapping(Recorder { calls: AtomicUsize::new(0) });
 
 /// One of each call through the global allocator, with sizes nothing else uses: a plain
 /// allocation, a page-aligned zeroed one, a realloc of each (growing the plain one, shrinking
 /// the aligned one), and their frees. Checks that the inner allocator saw exactly these calls,
 /// with the same pointers and layouts, and that the zeroed block is zero.
 fn each_call_reaches_the_inner_allocator(state: &str) {
+    let calls_before = ALLOC.inner().calls.load(Ordering::Relaxed);
     let plain = Layout::from_size_align(12_345, 8).unwrap();
     let aligned = Layout::from_size_align(20_000, 4096).unwrap();
     let mut returned = Vec::new();
@@ -153,6 +162,8 @@ fn each_call_reaches_the_inner_allocator(state: &str) {
         ],
         "{state}: what the inner allocator saw"
     );
+    // Through the `Recorder` the global allocator holds, not a stand-in for it.
+    assert!(ALLOC.inner().calls.load(Ordering::Relaxed) >= calls_before + 6, "{state}: calls through its address");
 }
 
 #[test]
