@@ -4,14 +4,14 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use onsite_core::ProfileKind;
 use onsite_core::pprof::{decode, function_totals};
 use onsite_core::test_support::dump_files;
-use support::Service;
+use support::{HttpAnswer, Service, http_get};
 
 #[global_allocator]
 static ALLOC: onsite::memory::Allocator = onsite::memory::Allocator::new();
@@ -92,49 +92,8 @@ fn start(dir: &std::path::Path, env: &[(&str, &str)]) -> (Service, SocketAddr) {
 }
 
 /// An HTTP answer: status, headers (names lower-cased), body.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// `GET path` with `headers`, read to the end (the server closes each connection).
-fn get(addr: SocketAddr, path: &str, headers: &[&str]) -> Answer {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for header in headers {
-        request.push_str(header);
-        request.push_str("\r\n");
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no header"));
-    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let body = raw[split + 4..].to_vec();
-    Answer { status, headers, body }
-}
-
 /// The functions of `answer`'s profile with a flat `sample_type`, largest first.
-fn top(answer: &Answer, sample_type: &str) -> Vec<String> {
+fn top(answer: &HttpAnswer, sample_type: &str) -> Vec<String> {
     let profile = decode(&answer.body).unwrap_or_else(|e| panic!("not a pprof body ({e:?}): {}", answer.text()));
     function_totals(&profile, sample_type).unwrap().into_iter().filter(|r| r.flat > 0).map(|r| r.function).collect()
 }
@@ -145,7 +104,7 @@ fn cpu_mutex_and_block_pulled_in_parallel_each_name_the_childs_work_and_are_the_
     let (service, addr) = start(dir.path(), &[]);
     let pulls: Vec<_> = ["profile", "mutex", "block"]
         .into_iter()
-        .map(|name| std::thread::spawn(move || get(addr, &format!("/debug/pprof/{name}?seconds=3"), &[])))
+        .map(|name| std::thread::spawn(move || http_get(addr, &format!("/debug/pprof/{name}?seconds=3"), &[])))
         .collect();
     let [cpu, mutex, block] = pulls.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>().try_into().ok().unwrap();
     for (name, answer) in [("profile", &cpu), ("mutex", &mutex), ("block", &block)] {
@@ -171,7 +130,7 @@ fn cpu_mutex_and_block_pulled_in_parallel_each_name_the_childs_work_and_are_the_
     }
 
     // The leak, through heap (and its alias allocs).
-    let heap = get(addr, "/debug/pprof/heap?seconds=3", &[]);
+    let heap = http_get(addr, "/debug/pprof/heap?seconds=3", &[]);
     assert_eq!(heap.status, 200, "{}", heap.text());
     let heap_top = top(&heap, "inuse_space");
     assert!(heap_top[0].ends_with("leak_a_block"), "heap by inuse_space: {heap_top:?}");
@@ -181,10 +140,10 @@ fn cpu_mutex_and_block_pulled_in_parallel_each_name_the_childs_work_and_are_the_
 fn a_second_pull_of_a_kind_being_recorded_gets_409_and_a_signal_capture_records_the_free_kinds() {
     let dir = tempfile::tempdir().unwrap();
     let (mut service, addr) = start(dir.path(), &[]);
-    let first = std::thread::spawn(move || get(addr, "/debug/pprof/profile?seconds=8", &[]));
+    let first = std::thread::spawn(move || http_get(addr, "/debug/pprof/profile?seconds=8", &[]));
     service.wait_for_log("pull started", DEADLINE);
 
-    let second = get(addr, "/debug/pprof/profile?seconds=3", &[]);
+    let second = http_get(addr, "/debug/pprof/profile?seconds=3", &[]);
     assert_eq!(second.status, 409, "{}", second.text());
     let text = second.text();
     assert!(
@@ -211,22 +170,22 @@ fn a_second_pull_of_a_kind_being_recorded_gets_409_and_a_signal_capture_records_
     assert_eq!(dump_files(dir.path(), ProfileKind::Mutex, "pprof").len(), 1);
 
     // Paths and parameters as Go's, and nothing outside /debug/pprof/.
-    let index = get(addr, "/debug/pprof/", &[]);
+    let index = http_get(addr, "/debug/pprof/", &[]);
     assert_eq!(index.status, 200);
     assert!(index.text().contains("trace?seconds=N") && index.text().contains("NOT Go's execution trace format"));
-    let no_seconds = get(addr, "/debug/pprof/mutex", &[]);
+    let no_seconds = http_get(addr, "/debug/pprof/mutex", &[]);
     assert_eq!(no_seconds.status, 400);
     assert!(no_seconds.text().contains("add ?seconds=N"), "{}", no_seconds.text());
-    assert_eq!(get(addr, "/", &[]).status, 404);
-    assert_eq!(get(addr, "/debug/pprof/../../etc/passwd", &[]).status, 404);
-    let dump = get(addr, "/debug/pprof/goroutine?debug=2", &[]);
+    assert_eq!(http_get(addr, "/", &[]).status, 404);
+    assert_eq!(http_get(addr, "/debug/pprof/../../etc/passwd", &[]).status, 404);
+    let dump = http_get(addr, "/debug/pprof/goroutine?debug=2", &[]);
     assert_eq!(dump.status, 200, "{}", dump.text());
     assert!(
         dump.text().contains("contender-a") && dump.text().contains("hold_the_lock_while_sleeping"),
         "{}",
         dump.text()
     );
-    let trace = get(addr, "/debug/pprof/trace?seconds=1", &[]);
+    let trace = http_get(addr, "/debug/pprof/trace?seconds=1", &[]);
     assert_eq!(trace.status, 200, "{}", trace.text());
     let _: Vec<serde_json::Value> = serde_json::from_slice(&trace.body).expect("Chrome trace JSON");
 
@@ -258,14 +217,17 @@ fn a_non_loopback_bind_needs_a_bearer_token() {
     let dir = tempfile::tempdir().unwrap();
     let token = "s3cret-token-of-32-characters-xx";
     let (_service, addr) = start(dir.path(), &[("ONSITE_HTTP", "0.0.0.0:0"), ("ONSITE_HTTP_TOKEN", token)]);
-    let none = get(addr, "/debug/pprof/", &[]);
+    let none = http_get(addr, "/debug/pprof/", &[]);
     assert_eq!(none.status, 401);
     assert_eq!(none.header("www-authenticate"), Some("Bearer realm=\"onsite\""));
-    assert_eq!(get(addr, "/debug/pprof/", &["Authorization: Bearer s3cret-token-of-32-characters-xy"]).status, 401);
-    assert_eq!(get(addr, "/debug/pprof/profile?seconds=1", &["Authorization: Basic abc"]).status, 401);
+    assert_eq!(
+        http_get(addr, "/debug/pprof/", &["Authorization: Bearer s3cret-token-of-32-characters-xy"]).status,
+        401
+    );
+    assert_eq!(http_get(addr, "/debug/pprof/profile?seconds=1", &["Authorization: Basic abc"]).status, 401);
     let bearer = format!("Authorization: Bearer {token}");
-    assert_eq!(get(addr, "/debug/pprof/", &[&bearer]).status, 200);
-    let cpu = get(addr, "/debug/pprof/profile?seconds=1", &[&bearer]);
+    assert_eq!(http_get(addr, "/debug/pprof/", &[&bearer]).status, 200);
+    let cpu = http_get(addr, "/debug/pprof/profile?seconds=1", &[&bearer]);
     assert_eq!(cpu.status, 200, "{}", cpu.text());
     decode(&cpu.body).unwrap();
 }
@@ -275,18 +237,18 @@ fn two_hundred_silent_connections_leave_signals_and_requests_working() {
     let dir = tempfile::tempdir().unwrap();
     let (mut service, addr) = start(dir.path(), &[]);
     let silent: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    let index = get(addr, "/debug/pprof/", &[]);
+    let index = http_get(addr, "/debug/pprof/", &[]);
     assert_eq!(index.status, 200, "{}", index.text());
     service.signal(libc::SIGUSR1);
     service.wait_for_files(ProfileKind::Threads, "txt", 1, DEADLINE);
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture started", DEADLINE);
-    let held = get(addr, "/debug/pprof/threadcreate?seconds=1", &[]);
+    let held = http_get(addr, "/debug/pprof/threadcreate?seconds=1", &[]);
     assert_eq!(held.status, 409, "the toggle's capture holds threadcreate: {}", held.text());
     assert!(held.text().contains("the capture started by SIGUSR2"), "{}", held.text());
     service.signal(libc::SIGUSR2);
     service.wait_for_log("capture stopped", DEADLINE);
-    let mutex = get(addr, "/debug/pprof/mutex?seconds=1", &[]);
+    let mutex = http_get(addr, "/debug/pprof/mutex?seconds=1", &[]);
     assert_eq!(mutex.status, 200, "{}", mutex.text());
     decode(&mutex.body).unwrap();
     drop(silent);
@@ -348,9 +310,9 @@ fn a_cpu_pull_also_writes_the_minutes_before_it_and_a_mutex_pull_does_not() {
     let (service, addr) = start(dir.path(), &[("ONSITE_CPU_RECORDER", "1m@99Hz")]);
     // The child burns CPU all the time; give the recorder a few of its seconds.
     std::thread::sleep(Duration::from_secs(3));
-    let cpu = get(addr, "/debug/pprof/profile?seconds=1", &[]);
+    let cpu = http_get(addr, "/debug/pprof/profile?seconds=1", &[]);
     assert_eq!(cpu.status, 200, "{}\n{}", cpu.text(), service.log_text());
-    let mutex = get(addr, "/debug/pprof/mutex?seconds=1", &[]);
+    let mutex = http_get(addr, "/debug/pprof/mutex?seconds=1", &[]);
     assert_eq!(mutex.status, 200, "{}\n{}", mutex.text(), service.log_text());
     let manifests = service.wait_for_manifests(2, DEADLINE);
     let windows: Vec<(&str, &serde_json::Value)> =
@@ -372,7 +334,7 @@ fn with_the_always_on_heap_a_heap_pull_without_seconds_says_what_holds_the_memor
     let (service, addr) = start(dir.path(), &[("ONSITE_MEMORY_ALWAYS", "on")]);
     // The child leaks 64 KiB every 10 ms from its start: give it a few MiB to hold.
     std::thread::sleep(Duration::from_secs(2));
-    let heap = get(addr, "/debug/pprof/heap", &[]);
+    let heap = http_get(addr, "/debug/pprof/heap", &[]);
     assert_eq!(heap.status, 200, "{}\n{}", heap.text(), service.log_text());
     let profile = decode(&heap.body).unwrap();
     let held = function_totals(&profile, "inuse_space").unwrap();
@@ -382,7 +344,7 @@ fn with_the_always_on_heap_a_heap_pull_without_seconds_says_what_holds_the_memor
     // Without always-on, the same path asks for a window.
     let dir = tempfile::tempdir().unwrap();
     let (_plain, addr) = start(dir.path(), &[]);
-    let heap = get(addr, "/debug/pprof/heap", &[]);
+    let heap = http_get(addr, "/debug/pprof/heap", &[]);
     assert_eq!(heap.status, 400, "{}", heap.text());
     assert!(heap.text().contains("?seconds=N"), "{}", heap.text());
 }

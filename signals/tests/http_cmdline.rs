@@ -4,13 +4,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use onsite_core::test_support::ChildTest;
-use support::Service;
+use support::{Service, http_get};
 
 const ROLE: &str = "child_cmdline_service";
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -35,7 +34,8 @@ fn a_non_utf8_argument_is_answered_and_the_listener_keeps_answering() {
     let addr: SocketAddr = log[at..at + log[at..].find('/').unwrap()].parse().unwrap();
 
     for _ in 0..2 {
-        let (status, body) = get(addr, "/debug/pprof/cmdline");
+        let answer = http_get(addr, "/debug/pprof/cmdline", &[]);
+        let (status, body) = (answer.status, answer.text());
         assert_eq!(status, 200, "{body}");
         let args: Vec<&str> = body
             .trim_end_matches('\n')
@@ -45,20 +45,8 @@ fn a_non_utf8_argument_is_answered_and_the_listener_keeps_answering() {
             .collect();
         assert_eq!(args[args.len() - 2..], ["bad-\u{fffd}-arg", "last"], "{body:?}");
     }
-    let (status, index) = get(addr, "/debug/pprof/");
-    assert_eq!(status, 200, "{index}");
+    let index = http_get(addr, "/debug/pprof/", &[]);
+    assert_eq!(index.status, 200, "{}", index.text());
     assert!(service.is_alive(), "the service runs on:\n{}", service.log_text());
     assert!(!service.log_text().contains("panicked"), "{}", service.log_text());
-}
-
-/// `GET path`: the status and the body, read to the end (the server closes each connection).
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no header: {text:?}"));
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_owned())
 }
