@@ -182,7 +182,7 @@ mod mode {
     /// This process is a fork's child, and the parent was capturing at the fork: the inner allocator for
     /// everything, for good (see `fork`).
     pub(crate) const FORKED: u32 = 5;
-    /// An [`super::Allocator`] that has never been called: its first call registers it (see
+    /// An [`super::Allocator`] that has not reallocated yet: its first realloc registers it (see
     /// `registry`) and moves it to `OFF`.
     pub(crate) const UNREGISTERED: u32 = 6;
 
@@ -349,7 +349,8 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
     }
 }
 
-/// The paths taken while a capture runs (or starts, or stops), and an allocator's first call.
+/// The paths taken while a capture runs (or starts, or stops), and before an allocator's first
+/// realloc.
 /// `word` is the mode word the caller read; a stale one is handled like any call racing a mode
 /// change. `allocator` is the calling [`Allocator`], `inner` its inner allocator.
 mod routed {

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 
 use crate::{Allocator, Inner, mode};
 
-/// Words of `Allocator`s called so far (in the order of their first calls), unchecked.
+/// Words of `Allocator`s that have reallocated (in the order of their first reallocs), unchecked.
 static CANDIDATES: [AtomicPtr<AtomicU32>; 8] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 8];
 /// Whether an `Allocator` found `CANDIDATES` full (for the error of a probe that fails).
 static CANDIDATES_FULL: AtomicBool = AtomicBool::new(false);
@@ -83,7 +83,7 @@ pub(crate) fn current_mode() -> u32 {
     mode_word().load(Ordering::SeqCst)
 }
 
-/// The slow path of an `Allocator`'s first call: its word goes to `OFF`, and its address to
+/// The slow path of an `Allocator`'s first realloc: its word goes to `OFF`, and its address to
 /// `CANDIDATES`. Only atomics: this runs inside the allocator, maybe before `main`.
 #[cold]
 pub(crate) fn register(word: &AtomicU32) {
