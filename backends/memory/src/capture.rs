@@ -137,9 +137,9 @@ fn claim() -> Result<&'static crate::Inner, CaptureError> {
              onsite::memory::Allocator as #[global_allocator] to capture memory"
         }
         Err(Unclaimed::NotGlobal { full: true }) => {
-            "onsite's allocator is not this program's global allocator, or it was called first after more \
-             other onsite::memory::Allocator instances than it can tell apart: install onsite::memory::Allocator \
-             as #[global_allocator], and call no other instance directly, to capture memory"
+            "onsite's allocator is not this program's global allocator, or more other \
+             onsite::memory::Allocator instances were used before it than it can tell apart: install \
+             onsite::memory::Allocator as #[global_allocator], and call no other instance directly, to capture memory"
         }
     };
     Err(CaptureError::new(ProfileKind::Memory, reason))

@@ -262,13 +262,16 @@ impl<A: GlobalAlloc + 'static> Allocator<A> {
 // `== 0` for the unlikely side). `routed`'s entry points are optimised for speed, not size: the
 // sampled common case (a thread-local countdown on allocation, one filter byte on free) is
 // inlined there, and they end in a tail call of the inner allocator, so a sampled call costs
-// one taken branch (into `routed`, after one `lea` of the allocator's address) more than an off
-// one, plus its own checks. (Inlining that common case here instead makes the off path pay a
-// taken branch and the registers the other paths save: 0.91–0.94 of the bare allocator against
-// 0.96–0.99; see BENCHMARKS.) `routed`'s arguments are what
-// `__rust_alloc`/`__rust_dealloc`/`__rust_realloc` receive, in their order (the layout as size
-// then alignment, where a `Layout` argument would come the other way round), with the mode word
-// and the allocator after them, so that no register has to move.
+// one taken branch more than an off one (a conditional tail call into `routed`), plus its own
+// checks. (Inlining that common case here instead makes the off path pay a taken branch and
+// the registers the other paths save: 0.91–0.94 of the bare allocator against 0.96–0.99; see
+// BENCHMARKS.) `routed`'s arguments are what `__rust_alloc`/`__rust_dealloc`/`__rust_realloc`
+// receive, in their order (the layout as size then alignment, where a `Layout` argument would
+// come the other way round), then the mode word, so that no register has to move; then only
+// what the path needs: nothing more for an allocation or a free over a zero-sized inner
+// allocator, whose address would have to be materialised after the branch (a `lea`, and the
+// branch no longer a tail call: a jump more), the inner allocator's address over one that is
+// not zero-sized, and the allocator's own address for a realloc (see `answer_or_register`).
 //
 // Go's shape, a thread-local countdown on every allocation in every mode (the off mode's
 // budget only a re-check interval, so a sampled allocation costs what an off one does), made
@@ -350,9 +353,8 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for Allocator<A> {
 }
 
 /// The paths taken while a capture runs (or starts, or stops), and before an allocator's first
-/// realloc.
-/// `word` is the mode word the caller read; a stale one is handled like any call racing a mode
-/// change. `allocator` is the calling [`Allocator`], `inner` its inner allocator.
+/// realloc. `word` is the mode word the caller read; a stale one is handled like any call
+/// racing a mode change. `allocator` is the calling [`Allocator`], `inner` its inner allocator.
 mod routed {
     use super::*;
     use onsite_core::own_work;

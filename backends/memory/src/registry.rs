@@ -114,13 +114,13 @@ pub(crate) fn answer_probe<A: std::alloc::GlobalAlloc + 'static>(word: &AtomicU3
 pub(crate) enum Unclaimed {
     /// Another memory capture (or always-on sampling) runs, or is starting.
     Taken,
-    /// No `Allocator` is the global allocator. `full`: more of them were called than could
-    /// be registered, so the global one may be among those that were not.
+    /// No `Allocator` is the global allocator. `full`: more of them reallocated than could be
+    /// registered, so the global one may be among those that were not.
     NotGlobal { full: bool },
 }
 
 /// Moves the global allocator's word from `OFF` to `PROBE` (finding it first, at the first
-/// capture), allocates once, and reports the inner allocator the global `Allocator` hands
+/// capture), allocates and reallocates once, and reports the inner allocator the global `Allocator` hands
 /// calls to. Leaves its word at `PROBE` on success (the caller owns the capture, or always-on
 /// sampling, from here) and at `OFF` on failure.
 pub(crate) fn claim_and_probe() -> Result<&'static Inner, Unclaimed> {
