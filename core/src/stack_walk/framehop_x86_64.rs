@@ -103,9 +103,9 @@ impl Drop for Pin {
 /// 3,000 or 11,000 instructions depending only on where the loader happened to put the code.
 /// Each frame therefore picks one of `WAYS` caches by a hash of its address, which makes those
 /// collisions `WAYS` times rarer (and the cache `WAYS` times larger for services with many
-/// stacks). The hash must not be a function of `address % 509`'s neighbours: with the way taken
-/// from `address / 509`, two addresses of one object `509 × 4k` bytes apart (the sampler's own
-/// frame and its caller's, in one build) shared both the index and the way, in every process.
+/// stacks). The way must not follow from the index: taken from `address / 509`, it put two
+/// addresses of one object `509 × 4k` bytes apart (the sampler's own frame and its caller's, in
+/// one build) in the same way at the same index, in every process.
 const WAYS: usize = 4;
 const _: () = assert!(WAYS.is_power_of_two(), "`way` takes the top bits of a hash");
 
