@@ -16,7 +16,7 @@
 //!    its calls take the off path. The address is only kept, never used, until step 2 has
 //!    checked it.
 //! 2. **Check.** At the first capture the control thread keeps the candidates whose word lies in
-//!    a writable segment of a loaded object (`onsite_core::symbols::in_writable_segment`):
+//!    a writable segment of a loaded object (`onsite_core::symbols::WritableSegments`):
 //!    `static`s, which live for good. An `Allocator` on a stack, in a thread-local or on the
 //!    heap registers too if it is ever called, and is never touched: writing to its word later
 //!    would be writing to memory that may be something else by then.
@@ -149,13 +149,14 @@ pub(crate) fn claim_and_probe() -> Result<&'static Inner, Unclaimed> {
 fn find_global() -> Option<&'static Inner> {
     // A global allocator that has not reallocated yet registers now.
     reallocate_once();
+    let segments = onsite_core::symbols::WritableSegments::now();
     let mut words: Vec<&'static AtomicU32> = Vec::with_capacity(CANDIDATES.len());
     for (slot, probed) in CANDIDATES.iter().zip(&PROBED) {
         let address = slot.load(Ordering::SeqCst);
         if address.is_null() {
             continue;
         }
-        if !onsite_core::symbols::in_writable_segment(address as usize, std::mem::size_of::<AtomicU32>()) {
+        if !segments.hold(address as usize, std::mem::size_of::<AtomicU32>()) {
             // Not a `static`: refused for good (the memory may be anything later).
             slot.store(std::ptr::null_mut(), Ordering::SeqCst);
             continue;

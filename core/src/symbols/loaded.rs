@@ -30,10 +30,17 @@ pub(crate) struct LoadedObject {
 impl LoadedObject {
     /// Whether run-time `address` lies in one of its loadable segments.
     pub(crate) fn contains(&self, address: u64) -> bool {
-        self.headers.iter().any(|h| {
+        self.segment_holding(address, 1).is_some()
+    }
+
+    /// The loadable segment that holds all of run-time `[address, address + len)`, if one does.
+    fn segment_holding(&self, address: u64, len: u64) -> Option<&libc::Elf64_Phdr> {
+        self.headers.iter().find(|h| {
+            let start = self.bias.wrapping_add(h.p_vaddr);
             h.p_type == libc::PT_LOAD
-                && self.bias.wrapping_add(h.p_vaddr) <= address
-                && address - self.bias.wrapping_add(h.p_vaddr) < h.p_memsz
+                && start <= address
+                && address - start < h.p_memsz
+                && len <= h.p_memsz - (address - start)
         })
     }
 }
@@ -66,22 +73,29 @@ pub(crate) fn loaded_objects() -> Vec<LoadedObject> {
     objects
 }
 
-/// Whether `[address, address + len)` lies inside one writable loadable segment of an object
-/// loaded now: its `.data` or `.bss`, memory that lives as long as the object does. A stack's,
-/// a thread-local's or the heap's never does. For telling a `static` from any other place a
-/// value may sit, before keeping its address for good.
-pub fn in_writable_segment(address: usize, len: usize) -> bool {
-    let (Ok(start), Ok(len)) = (u64::try_from(address), u64::try_from(len)) else { return false };
-    loaded_objects().iter().any(|object| {
-        object.headers.iter().any(|h| {
-            let segment = object.bias.wrapping_add(h.p_vaddr);
-            h.p_type == libc::PT_LOAD
-                && h.p_flags & libc::PF_W != 0
-                && segment <= start
-                && start - segment <= h.p_memsz
-                && len <= h.p_memsz - (start - segment)
-        })
-    })
+/// The writable loadable segments of the objects loaded when it was taken: their `.data` and
+/// `.bss`, memory that lives as long as its object does. A stack's, a thread-local's or the
+/// heap's never does. For telling a `static` from any other place a value may sit, before
+/// keeping its address for good; taken once for any number of addresses.
+pub struct WritableSegments(Vec<LoadedObject>);
+
+impl std::fmt::Debug for WritableSegments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritableSegments").field("objects", &self.0.len()).finish()
+    }
+}
+
+impl WritableSegments {
+    /// The segments of the objects loaded now.
+    pub fn now() -> WritableSegments {
+        WritableSegments(loaded_objects())
+    }
+
+    /// Whether `[address, address + len)` lies inside one of them.
+    pub fn hold(&self, address: usize, len: usize) -> bool {
+        let (Ok(address), Ok(len)) = (u64::try_from(address), u64::try_from(len)) else { return false };
+        self.0.iter().any(|object| object.segment_holding(address, len).is_some_and(|h| h.p_flags & libc::PF_W != 0))
+    }
 }
 
 /// The `NT_GNU_BUILD_ID` note among the object's `PT_NOTE` segments, in hex.
@@ -108,7 +122,7 @@ unsafe fn build_id_in_memory(bias: u64, headers: &[libc::Elf64_Phdr]) -> Option<
 mod tests {
     use std::sync::atomic::AtomicU32;
 
-    use super::in_writable_segment;
+    use super::WritableSegments;
 
     static WORD: AtomicU32 = AtomicU32::new(0);
     static CONSTANT: u32 = 7;
@@ -124,6 +138,8 @@ mod tests {
     #[test]
     fn a_mutable_static_is_in_a_writable_segment_and_nothing_else_is() {
         let size = std::mem::size_of::<u32>();
+        let segments = WritableSegments::now();
+        let in_writable_segment = |address, len| segments.hold(address, len);
         assert!(in_writable_segment(address_of(&WORD), size));
         assert!(!in_writable_segment(address_of(&CONSTANT), size), "an immutable static is read-only");
         let on_stack = AtomicU32::new(0);

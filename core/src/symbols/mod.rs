@@ -5,7 +5,7 @@
 //!   file offset and GNU build ID (the loaded object's, read from memory: the file at its path
 //!   may have been replaced since), as pprof's `Mapping` wants them.
 //! - `loaded`: the objects the loader has loaded (`dl_iterate_phdr`), the one list of them,
-//!   for those build IDs and for the stack walker's modules, and [`in_writable_segment`]:
+//!   for those build IDs and for the stack walker's modules, and [`WritableSegments`]:
 //!   whether an address is a `static`'s.
 //! - [`Symbolizer`]: addresses to frames through `addr2line` (DWARF) and the ELF symbol table
 //!   (`.symtab`, else `.dynsym`, sizes checked), reading each object's own file, or files
@@ -25,7 +25,7 @@ mod symbolizer;
 use std::cell::Cell;
 use std::time::Instant;
 
-pub use loaded::in_writable_segment;
+pub use loaded::WritableSegments;
 pub use maps::{MappedFile, Mappings, ObjectMapping};
 pub use symbolizer::{Resolved, Symbolizer, release_shared, with_shared};
 
